@@ -1,0 +1,68 @@
+# notebook-operator — `make run` serves the local backend, `make test` runs everything.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+VENV_STAMP := $(VENV)/.installed
+NOTEBOOK ?= notebooks/hello.ipynb
+LISTEN ?= 127.0.0.1:8000
+DATA_DIR ?= .data
+CARGO ?= cargo
+# Test binaries share one control plane each; the cache folder is built once per version set.
+CONTROL_PLANE = $(shell tests/control-plane/build.sh | tail -n 1)
+
+.PHONY: help run test test-unit test-runner test-local test-e2e control-plane dev-cluster crds fmt lint venv build bench
+
+help:
+	@echo "make run            serve the local backend on $(NOTEBOOK) (http://$(LISTEN)/docs/)"
+	@echo "make test           every test: unit, runner, local API, end-to-end on a real control plane"
+	@echo "make control-plane  build (once) kube-apiserver, kube-controller-manager, kubectl, etcd, helm"
+	@echo "make dev-cluster    control plane + test kubelet in the foreground, kubeconfig in .dev-cluster/"
+	@echo "make crds           regenerate crds/notebookrun.yaml"
+
+$(VENV_STAMP): src/runner/requirements.txt tests/runner/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r src/runner/requirements.txt -r tests/runner/requirements.txt
+	touch $@
+
+venv: $(VENV_STAMP)
+
+build:
+	$(CARGO) build --locked
+
+run: $(VENV_STAMP)
+	$(CARGO) run --locked --quiet -- local --notebook $(NOTEBOOK) --python $(VENV)/bin/python --data-dir $(DATA_DIR) --listen $(LISTEN)
+
+crds:
+	$(CARGO) run --locked --quiet -- crd > crds/notebookrun.yaml
+
+control-plane:
+	@tests/control-plane/build.sh
+
+dev-cluster: $(VENV_STAMP)
+	KUBEBUILDER_ASSETS="$(CONTROL_PLANE)" $(CARGO) run --locked --example dev_cluster
+
+fmt:
+	$(CARGO) fmt --check
+
+test-unit:
+	$(CARGO) test --locked --lib --bins
+
+test-runner: $(VENV_STAMP)
+	$(VENV)/bin/python -m pytest tests/runner -q -p no:cacheprovider
+
+test-local: $(VENV_STAMP)
+	$(CARGO) test --locked --test api_local
+
+test-e2e: $(VENV_STAMP)
+	KUBEBUILDER_ASSETS="$(CONTROL_PLANE)" $(CARGO) test --locked --tests
+
+bench: $(VENV_STAMP)
+	scripts/bench-local.sh
+
+test: $(VENV_STAMP)
+	$(CARGO) fmt --check
+	$(VENV)/bin/python -m pytest tests/runner -q -p no:cacheprovider
+	KUBEBUILDER_ASSETS="$(CONTROL_PLANE)" $(CARGO) test --locked --all-targets

@@ -1,0 +1,101 @@
+//! The REST facade: the original runner's endpoints (`/start`, `/progress`, `/output`, `/kill`),
+//! the resource API (`/runs`), ops endpoints and the OpenAPI document, over any `Backend`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::backend::Backend;
+use crate::metrics::Metrics;
+use auth::BearerScheme;
+
+mod auth;
+mod error;
+mod ops;
+mod runs;
+mod seed;
+
+pub use error::{ApiError, ErrorBody};
+
+/// Request bodies larger than this are refused with 413.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub backend: Arc<dyn Backend>,
+    pub metrics: Metrics,
+    pub token: Option<Arc<str>>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "notebook-operator",
+        description = "Run a Jupyter notebook on demand, one run at a time: the original notebook runner's API \
+                       (`/start`, `/progress`, `/output`, `/kill`) plus a resource API over runs."
+    ),
+    modifiers(&BearerScheme),
+    security(("bearer" = [])),
+    tags(
+        (name = "seed", description = "Compatible with the original FastAPI + Celery notebook runner"),
+        (name = "runs", description = "Runs as resources"),
+        (name = "ops", description = "Health and metrics")
+    )
+)]
+struct ApiDoc;
+
+/// The routes and the OpenAPI document built from the same handlers, so they cannot drift.
+fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(seed::start))
+        .routes(routes!(seed::progress))
+        .routes(routes!(seed::output))
+        .routes(routes!(seed::kill))
+        .routes(routes!(seed::ping))
+        .routes(routes!(runs::create_run, runs::list_runs))
+        .routes(routes!(runs::get_run, runs::delete_run))
+        .routes(routes!(runs::run_logs))
+        .routes(routes!(runs::run_notebook))
+        .routes(routes!(runs::cancel_run))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+        .split_for_parts()
+}
+
+/// The OpenAPI 3.1 document served at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().1
+}
+
+pub fn router(state: AppState) -> Router {
+    let (api, doc) = routes();
+    api.merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves the facade until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, "serving the REST API");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

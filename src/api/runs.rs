@@ -1,0 +1,186 @@
+//! Runs as resources: create, list (newest first, paginated), get, logs, notebook, cancel, delete.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::error::OptionalJson;
+use super::seed::{StartBody, text_stream};
+use super::{ApiError, AppState, ErrorBody};
+use crate::backend::{BackendError, RunInfo, RunPage};
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    /// Page size (1 to 500, default 50).
+    pub limit: Option<usize>,
+    /// The `continue` token of the previous page.
+    #[serde(rename = "continue")]
+    #[param(rename = "continue")]
+    pub continue_token: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct LogsQuery {
+    /// Stream until the run ends.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// Start a run (policy Forbid: 409 while another run holds the lock).
+#[utoipa::path(
+    post,
+    path = "/runs",
+    tag = "runs",
+    request_body(content = Option<StartBody>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "the run was admitted", body = RunInfo),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 409, description = "another run holds the lock", body = ErrorBody),
+        (status = 413, description = "body over 1 MiB", body = ErrorBody),
+        (status = 422, description = "invalid body", body = ErrorBody),
+        (status = 503, description = "no controller answered", body = ErrorBody)
+    )
+)]
+pub async fn create_run(
+    State(state): State<AppState>,
+    body: OptionalJson<StartBody>,
+) -> Result<Response, ApiError> {
+    let parameters = body.0.unwrap_or_default().parameters;
+    match state.backend.start(parameters).await {
+        Ok(run) => Ok((StatusCode::CREATED, Json(run)).into_response()),
+        Err(e @ BackendError::AlreadyRunning(_)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// History, newest first.
+#[utoipa::path(
+    get,
+    path = "/runs",
+    tag = "runs",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "one page of runs", body = RunPage),
+        (status = 401, description = "missing or wrong token", body = ErrorBody)
+    )
+)]
+pub async fn list_runs(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<RunPage>, ApiError> {
+    Ok(Json(
+        state
+            .backend
+            .list(q.limit.unwrap_or(50), q.continue_token.as_deref())
+            .await?,
+    ))
+}
+
+#[utoipa::path(
+    get,
+    path = "/runs/{id}",
+    tag = "runs",
+    params(("id" = String, Path, description = "run id")),
+    responses(
+        (status = 200, description = "the run", body = RunInfo),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "unknown run", body = ErrorBody)
+    )
+)]
+pub async fn get_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RunInfo>, ApiError> {
+    Ok(Json(state.backend.get(&id).await?))
+}
+
+/// What the notebook printed (cell stream output).
+#[utoipa::path(
+    get,
+    path = "/runs/{id}/logs",
+    tag = "runs",
+    params(("id" = String, Path, description = "run id"), LogsQuery),
+    responses(
+        (status = 200, description = "the log", body = String, content_type = "text/plain"),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "unknown run", body = ErrorBody)
+    )
+)]
+pub async fn run_logs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let stream = state.backend.logs(&id, q.follow).await?;
+    Ok(text_stream(Body::from_stream(stream)))
+}
+
+/// The executed notebook (partial for a failed or cancelled run).
+#[utoipa::path(
+    get,
+    path = "/runs/{id}/notebook",
+    tag = "runs",
+    params(("id" = String, Path, description = "run id")),
+    responses(
+        (status = 200, description = "ipynb JSON", body = Object, content_type = "application/x-ipynb+json"),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "unknown run, or no notebook yet", body = ErrorBody)
+    )
+)]
+pub async fn run_notebook(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match state.backend.notebook(&id).await? {
+        Some(nb) => Ok(([(header::CONTENT_TYPE, "application/x-ipynb+json")], nb).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("Run {id} has no executed notebook yet."),
+        )),
+    }
+}
+
+/// Cancel a run; a finished run is left as it is.
+#[utoipa::path(
+    post,
+    path = "/runs/{id}/cancel",
+    tag = "runs",
+    params(("id" = String, Path, description = "run id")),
+    responses(
+        (status = 200, description = "the run, once the cancel is recorded", body = RunInfo),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "unknown run", body = ErrorBody)
+    )
+)]
+pub async fn cancel_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RunInfo>, ApiError> {
+    Ok(Json(state.backend.cancel(&id).await?))
+}
+
+/// Delete a finished run and what it kept.
+#[utoipa::path(
+    delete,
+    path = "/runs/{id}",
+    tag = "runs",
+    params(("id" = String, Path, description = "run id")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "unknown run", body = ErrorBody),
+        (status = 409, description = "the run is still active", body = ErrorBody)
+    )
+)]
+pub async fn delete_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.backend.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

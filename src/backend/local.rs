@@ -1,0 +1,653 @@
+//! The local backend: the embedded runner as a child process group on this machine, one run at
+//! a time per data dir, each run kept under `DATA_DIR/runs/<id>/`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use jiff::Timestamp;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::{Map, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
+use tokio::sync::{Mutex, watch};
+use tracing::{Instrument, info, info_span, warn};
+
+use super::{Backend, BackendError, LogStream, Result, RunInfo, RunPage, paginate};
+use crate::crd::{Progress, Reason, RunPhase};
+use crate::metrics::Metrics;
+use crate::progress::{self, Line, TerminationMessage};
+
+const RUN_FILE: &str = "run.json";
+const LOG_FILE: &str = "log";
+const NOTEBOOK_FILE: &str = "notebook.ipynb";
+const INPUT_FILE: &str = "input.ipynb";
+const PARAMETERS_FILE: &str = "parameters.json";
+const TERMINATION_FILE: &str = "termination.json";
+
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    pub notebook: PathBuf,
+    pub python: PathBuf,
+    pub data_dir: PathBuf,
+    /// Time between SIGTERM and SIGKILL on cancel.
+    pub kill_grace: Duration,
+    pub cell_timeout: Option<Duration>,
+    pub kernel: Option<String>,
+}
+
+pub struct LocalBackend {
+    config: LocalConfig,
+    runner: PathBuf,
+    state: Mutex<State>,
+    metrics: Metrics,
+    ready: AtomicBool,
+    /// Held for the life of the process: one server per data dir.
+    _dir_lock: Flock<File>,
+}
+
+#[derive(Default)]
+struct State {
+    runs: BTreeMap<String, RunInfo>,
+    active: Option<Active>,
+}
+
+struct Active {
+    id: String,
+    pgid: Pid,
+    cancel_requested: bool,
+    /// Bytes appended to the log; closed when the run has ended.
+    log_len: watch::Receiver<u64>,
+}
+
+// === impl LocalBackend ===
+
+impl LocalBackend {
+    pub async fn open(config: LocalConfig, metrics: Metrics) -> anyhow::Result<Arc<Self>> {
+        let runs_dir = config.data_dir.join("runs");
+        std::fs::create_dir_all(&runs_dir)?;
+        let dir_lock = lock_data_dir(&config.data_dir)?;
+        let runner = config.data_dir.join("runner").join("run.py");
+        std::fs::create_dir_all(runner.parent().unwrap_or(&config.data_dir))?;
+        write_atomic(&runner, crate::runner::RUN_PY.as_bytes())?;
+
+        let mut state = State::default();
+        for entry in std::fs::read_dir(&runs_dir)? {
+            let dir = entry?.path();
+            let Ok(text) = std::fs::read(dir.join(RUN_FILE)) else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_slice::<StoredRun>(&text) else {
+                warn!(dir = %dir.display(), "skipping unreadable run record");
+                continue;
+            };
+            let mut run = record.run;
+            if !run.phase.is_terminal() {
+                if let Some(pid) = record.pid {
+                    kill_stale_runner(pid, &runner);
+                }
+                run.phase = RunPhase::Failed;
+                run.reason = Some(Reason::Interrupted);
+                run.message = Some("the server stopped while this run was active".into());
+                run.finished_at = Some(Timestamp::now());
+                write_atomic(
+                    &dir.join(RUN_FILE),
+                    &serde_json::to_vec_pretty(&StoredRun {
+                        run: run.clone(),
+                        pid: None,
+                    })?,
+                )?;
+                info!(run = %run.id, "marked interrupted run as Failed");
+            }
+            state.runs.insert(run.id.clone(), run);
+        }
+        let backend = Arc::new(Self {
+            config,
+            runner,
+            state: Mutex::new(state),
+            metrics,
+            ready: AtomicBool::new(true),
+            _dir_lock: dir_lock,
+        });
+        Ok(backend)
+    }
+
+    fn run_dir(&self, id: &str) -> PathBuf {
+        self.config.data_dir.join("runs").join(id)
+    }
+
+    fn persist(&self, run: &RunInfo, pid: Option<i32>) {
+        let path = self.run_dir(&run.id).join(RUN_FILE);
+        let stored = StoredRun {
+            run: run.clone(),
+            pid,
+        };
+        let result = serde_json::to_vec_pretty(&stored)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| write_atomic(&path, &bytes));
+        if let Err(e) = result {
+            warn!(run = %run.id, error = %e, "could not persist run record");
+        }
+    }
+
+    async fn spawn_runner(
+        self: &Arc<Self>,
+        run: &mut RunInfo,
+        dir: &Path,
+    ) -> std::io::Result<(Pid, watch::Receiver<u64>)> {
+        let input = dir.join(INPUT_FILE);
+        let notebook = match tokio::fs::copy(&self.config.notebook, &input).await {
+            Ok(_) => input,
+            // The runner reports NotebookNotFound for a notebook that is gone.
+            Err(_) => self.config.notebook.clone(),
+        };
+        let mut cmd = tokio::process::Command::new(&self.config.python);
+        cmd.arg("-u")
+            .arg(&self.runner)
+            .arg("--notebook")
+            .arg(&notebook)
+            .arg("--output")
+            .arg(dir.join(NOTEBOOK_FILE))
+            .arg("--termination-log")
+            .arg(dir.join(TERMINATION_FILE));
+        if let Some(parameters) = &run.parameters {
+            let path = dir.join(PARAMETERS_FILE);
+            write_atomic(&path, &serde_json::to_vec(parameters)?)?;
+            cmd.arg("--parameters").arg(path);
+        }
+        if let Some(timeout) = self.config.cell_timeout {
+            cmd.arg("--cell-timeout")
+                .arg(timeout.as_secs().max(1).to_string());
+        }
+        if let Some(kernel) = &self.config.kernel {
+            cmd.arg("--kernel").arg(kernel);
+        }
+        let (reader, writer) = std::io::pipe()?;
+        let writer_err = writer.try_clone()?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(OwnedFd::from(writer)))
+            .stderr(Stdio::from(OwnedFd::from(writer_err)))
+            .current_dir(dir)
+            .env("PYTHONUNBUFFERED", "1")
+            .process_group(0)
+            .kill_on_drop(false);
+        // SAFETY: prctl is async-signal-safe; the runner dies with this server, so a restarted
+        // server never finds a run still executing behind its back.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn()?;
+        drop(cmd);
+        let pid = child
+            .id()
+            .map(|p| Pid::from_raw(p as i32))
+            .ok_or_else(|| std::io::Error::other("runner exited at once"))?;
+        let (log_tx, log_rx) = watch::channel(0u64);
+        let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
+        let me = Arc::clone(self);
+        let id = run.id.clone();
+        let log_path = dir.join(LOG_FILE);
+        tokio::spawn(
+            async move {
+                let mut pump = Box::pin(me.pump_output(&id, reader, &log_path, &log_tx));
+                // A kernel that outlives the runner may hold the pipe open: the process decides.
+                let status = tokio::select! {
+                    status = child.wait() => {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), &mut pump).await;
+                        status
+                    }
+                    () = &mut pump => child.wait().await,
+                };
+                drop(pump);
+                me.finish(&id, status).await;
+                // Dropping the sender tells followers and cancel() that the run has ended.
+                drop(log_tx);
+            }
+            .instrument(info_span!("run", run = %run.id)),
+        );
+        Ok((pid, log_rx))
+    }
+
+    /// Copies what the notebook prints to the log and turns progress events into status.
+    async fn pump_output(
+        &self,
+        id: &str,
+        reader: tokio::net::unix::pipe::Receiver,
+        log_path: &Path,
+        log_tx: &watch::Sender<u64>,
+    ) {
+        let mut log = match tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .await
+        {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(error = %e, "cannot open run log");
+                return;
+            }
+        };
+        let mut lines = BufReader::new(reader);
+        let mut line = Vec::new();
+        let mut written = 0u64;
+        loop {
+            line.clear();
+            match lines.read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let text = String::from_utf8_lossy(&line);
+            match progress::classify(&text) {
+                Line::Event(event) => self.update_progress(id, event.progress()).await,
+                Line::Trailer(_) => {} // the runner also wrote the notebook file
+                Line::Output(_) => {
+                    if log.write_all(&line).await.is_ok() {
+                        let _ = log.flush().await;
+                        written += line.len() as u64;
+                        log_tx.send_replace(written);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn update_progress(&self, id: &str, progress: Progress) {
+        let mut state = self.state.lock().await;
+        let pid = state.active.as_ref().map(|a| a.pgid.as_raw());
+        if let Some(run) = state.runs.get_mut(id) {
+            run.progress = Some(progress);
+            let run = run.clone();
+            drop(state);
+            self.persist(&run, pid);
+        }
+    }
+
+    async fn finish(&self, id: &str, status: std::io::Result<std::process::ExitStatus>) {
+        let dir = self.run_dir(id);
+        let message = tokio::fs::read_to_string(dir.join(TERMINATION_FILE))
+            .await
+            .ok()
+            .and_then(|t| TerminationMessage::parse(&t));
+        let mut state = self.state.lock().await;
+        let cancel_requested = state
+            .active
+            .as_ref()
+            .is_some_and(|a| a.id == id && a.cancel_requested);
+        state.active = None;
+        let Some(run) = state.runs.get_mut(id) else {
+            return;
+        };
+        let outcome = local_outcome(status.as_ref().ok(), message.as_ref(), cancel_requested);
+        run.phase = outcome.phase;
+        run.reason = Some(outcome.reason);
+        run.message = Some(outcome.message);
+        run.error = message.as_ref().and_then(TerminationMessage::error);
+        if let Some(p) = message.as_ref().and_then(TerminationMessage::progress) {
+            run.progress = Some(p);
+        }
+        run.finished_at = Some(Timestamp::now());
+        let run = run.clone();
+        drop(state);
+        self.persist(&run, None);
+        self.metrics.run_finished(
+            run.reason.unwrap_or(Reason::PodFailed),
+            run.started_at,
+            run.finished_at,
+        );
+        info!(phase = run.phase.as_str(), reason = ?run.reason, "run finished");
+    }
+
+    /// Waits (bounded) until the run whose log sender this is has ended and been recorded.
+    async fn wait_ended(mut log_len: watch::Receiver<u64>, limit: Duration) -> bool {
+        tokio::time::timeout(limit, async { while log_len.changed().await.is_ok() {} })
+            .await
+            .is_ok()
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for Arc<LocalBackend> {
+    async fn start(&self, parameters: Option<Map<String, Value>>) -> Result<RunInfo> {
+        let mut state = self.state.lock().await;
+        if let Some(active) = &state.active {
+            return Err(BackendError::AlreadyRunning(active.id.clone()));
+        }
+        let now = Timestamp::now();
+        let mut run = RunInfo {
+            id: new_run_id(),
+            phase: RunPhase::Running,
+            reason: Some(Reason::Started),
+            message: Some(format!("running {}", self.config.notebook.display())),
+            progress: None,
+            error: None,
+            created_at: now,
+            started_at: Some(now),
+            finished_at: None,
+            parameters,
+            blocked_by: None,
+        };
+        let dir = self.run_dir(&run.id);
+        std::fs::create_dir_all(&dir).map_err(BackendError::internal)?;
+        let (pgid, log_len) = match self.spawn_runner(&mut run, &dir).await {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                run.phase = RunPhase::Failed;
+                run.reason = Some(Reason::PodFailed);
+                run.message = Some(format!(
+                    "could not start {}: {e}",
+                    self.config.python.display()
+                ));
+                run.finished_at = Some(Timestamp::now());
+                self.persist(&run, None);
+                state.runs.insert(run.id.clone(), run.clone());
+                return Ok(run);
+            }
+        };
+        self.persist(&run, Some(pgid.as_raw()));
+        self.metrics.run_started();
+        state.runs.insert(run.id.clone(), run.clone());
+        state.active = Some(Active {
+            id: run.id.clone(),
+            pgid,
+            cancel_requested: false,
+            log_len,
+        });
+        info!(run = %run.id, pid = pgid.as_raw(), "run started");
+        Ok(run)
+    }
+
+    async fn latest(&self) -> Result<Option<RunInfo>> {
+        let state = self.state.lock().await;
+        Ok(state
+            .runs
+            .values()
+            .max_by(|a, b| {
+                a.created_at
+                    .cmp(&b.created_at)
+                    .then_with(|| a.id.cmp(&b.id))
+            })
+            .cloned())
+    }
+
+    async fn get(&self, id: &str) -> Result<RunInfo> {
+        let state = self.state.lock().await;
+        state
+            .runs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| BackendError::NotFound(id.to_string()))
+    }
+
+    async fn list(&self, limit: usize, continue_token: Option<&str>) -> Result<RunPage> {
+        let runs: Vec<RunInfo> = self.state.lock().await.runs.values().cloned().collect();
+        Ok(paginate(runs, limit, continue_token))
+    }
+
+    async fn cancel(&self, id: &str) -> Result<RunInfo> {
+        let mut state = self.state.lock().await;
+        let run = state
+            .runs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| BackendError::NotFound(id.to_string()))?;
+        let Some(active) = state.active.as_mut().filter(|a| a.id == id) else {
+            return Ok(run); // finished: left as it is
+        };
+        active.cancel_requested = true;
+        let pgid = active.pgid;
+        let log_len = active.log_len.clone();
+        drop(state);
+        info!(run = %id, "cancelling: SIGTERM to the runner's process group");
+        let _ = killpg(pgid, Signal::SIGTERM);
+        if !LocalBackend::wait_ended(log_len.clone(), self.config.kill_grace).await {
+            warn!(run = %id, grace = ?self.config.kill_grace, "runner ignored SIGTERM: SIGKILL");
+            let _ = killpg(pgid, Signal::SIGKILL);
+            LocalBackend::wait_ended(log_len, Duration::from_secs(10)).await;
+        }
+        self.get(id).await
+    }
+
+    async fn notebook(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        self.get(id).await?;
+        match tokio::fs::read(self.run_dir(id).join(NOTEBOOK_FILE)).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BackendError::internal(e)),
+        }
+    }
+
+    async fn logs(&self, id: &str, follow: bool) -> Result<LogStream> {
+        self.get(id).await?;
+        let path = self.run_dir(id).join(LOG_FILE);
+        let live = {
+            let state = self.state.lock().await;
+            state
+                .active
+                .as_ref()
+                .filter(|a| a.id == id && follow)
+                .map(|a| a.log_len.clone())
+        };
+        Ok(Box::pin(follow_file(path, live)))
+    }
+
+    async fn delete(&self, id: &str) -> Result<()> {
+        let mut state = self.state.lock().await;
+        if state.active.as_ref().is_some_and(|a| a.id == id) {
+            return Err(BackendError::Conflict(format!(
+                "run {id} is active: cancel it first"
+            )));
+        }
+        state
+            .runs
+            .remove(id)
+            .ok_or_else(|| BackendError::NotFound(id.to_string()))?;
+        std::fs::remove_dir_all(self.run_dir(id)).map_err(BackendError::internal)
+    }
+
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Streams a log file from the start; with `live`, keeps reading until the run ends.
+fn follow_file(
+    path: PathBuf,
+    live: Option<watch::Receiver<u64>>,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
+    async_stream::try_stream! {
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => Err(e)?,
+        };
+        let mut offset = 0u64;
+        let mut live = live;
+        loop {
+            if file.is_none() {
+                file = tokio::fs::File::open(&path).await.ok();
+            }
+            if let Some(f) = file.as_mut() {
+                f.seek(std::io::SeekFrom::Start(offset)).await?;
+                let mut buf = Vec::new();
+                f.read_to_end(&mut buf).await?;
+                if !buf.is_empty() {
+                    offset += buf.len() as u64;
+                    yield Bytes::from(buf);
+                }
+            }
+            let Some(rx) = live.as_mut() else { break };
+            if rx.changed().await.is_err() {
+                live = None; // run ended: one last read
+            }
+        }
+    }
+}
+
+struct Outcome {
+    phase: RunPhase,
+    reason: Reason,
+    message: String,
+}
+
+/// Phase and reason of a finished local run, from its exit status and termination message.
+fn local_outcome(
+    status: Option<&std::process::ExitStatus>,
+    message: Option<&TerminationMessage>,
+    cancel_requested: bool,
+) -> Outcome {
+    use std::os::unix::process::ExitStatusExt;
+    let code = status.and_then(|s| s.code());
+    let signal = status.and_then(|s| s.signal());
+    let summary = message.and_then(|m| m.message.clone());
+    if code == Some(progress::exit_code::SUCCESS) {
+        return Outcome {
+            phase: RunPhase::Succeeded,
+            reason: Reason::Succeeded,
+            message: summary.unwrap_or_else(|| "the notebook ran to the end".into()),
+        };
+    }
+    if cancel_requested {
+        return Outcome {
+            phase: RunPhase::Cancelled,
+            reason: Reason::Cancelled,
+            message: "cancelled on request".into(),
+        };
+    }
+    let reason = match (message.and_then(TerminationMessage::reason), code) {
+        (Some(reason), _) => reason,
+        (None, Some(code)) => progress::reason_for_exit_code(code),
+        (None, None) => Reason::PodFailed,
+    };
+    let message = summary.unwrap_or_else(|| match (code, signal) {
+        (Some(code), _) => format!("the runner exited with code {code}"),
+        (_, Some(sig)) => format!("the runner was killed by signal {sig}"),
+        _ => "the runner's exit status is unknown".into(),
+    });
+    Outcome {
+        phase: RunPhase::Failed,
+        reason,
+        message,
+    }
+}
+
+/// What `run.json` holds: the run and, while it is active, its process group.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredRun {
+    #[serde(flatten)]
+    run: RunInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pid: Option<i32>,
+}
+
+fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
+    let path = dir.join("server.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            use std::io::{Seek, Write};
+            lock.set_len(0)?;
+            lock.seek(std::io::SeekFrom::Start(0))?;
+            write!(lock, "{}", std::process::id())?;
+            Ok(lock)
+        }
+        Err((_, errno)) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            anyhow::bail!(
+                "data dir {} is in use by another notebook-operator (pid {}): {errno}; stop it or pass another --data-dir",
+                dir.display(),
+                holder.trim()
+            )
+        }
+    }
+}
+
+/// Kills a runner left by a server that died, if that pid is still our runner.
+fn kill_stale_runner(pid: i32, runner: &Path) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let runner = runner.to_string_lossy();
+    if String::from_utf8_lossy(&cmdline).contains(runner.as_ref()) {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// A random UUID v4, as Celery task ids were.
+fn new_run_id() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn run_ids_are_uuid_v4() {
+        let id = new_run_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert_ne!(id, new_run_id());
+    }
+
+    #[test]
+    fn outcome_prefers_the_termination_message() {
+        let msg = TerminationMessage {
+            reason: Some("CellTimeout".into()),
+            message: Some("Cell 2 timed out".into()),
+            ..Default::default()
+        };
+        let o = local_outcome(
+            Some(&std::process::ExitStatus::from_raw(3 << 8)),
+            Some(&msg),
+            false,
+        );
+        assert_eq!(
+            (o.phase, o.reason, o.message.as_str()),
+            (RunPhase::Failed, Reason::CellTimeout, "Cell 2 timed out")
+        );
+        let o = local_outcome(
+            Some(&std::process::ExitStatus::from_raw(4 << 8)),
+            None,
+            false,
+        );
+        assert_eq!(o.reason, Reason::KernelDied);
+        let o = local_outcome(Some(&std::process::ExitStatus::from_raw(9)), None, true);
+        assert_eq!(
+            (o.phase, o.reason),
+            (RunPhase::Cancelled, Reason::Cancelled)
+        );
+        let o = local_outcome(Some(&std::process::ExitStatus::from_raw(0)), None, true);
+        assert_eq!(o.phase, RunPhase::Succeeded);
+    }
+}

@@ -1,0 +1,12 @@
+//! notebook-operator: run Jupyter notebooks on demand as Kubernetes Jobs (or local processes),
+//! one at a time per lock, behind the original notebook runner's REST API.
+
+pub mod api;
+pub mod backend;
+pub mod crd;
+pub mod metrics;
+pub mod progress;
+pub mod runner;
+pub mod telemetry;
+
+pub use crd::{NotebookRun, NotebookRunSpec, NotebookRunStatus, Reason, RunPhase};

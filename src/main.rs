@@ -1,0 +1,163 @@
+//! `notebook-operator <command>`: commands, configuration and wiring; nothing else.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use notebook_operator::api::{self, AppState};
+use notebook_operator::backend::local::{LocalBackend, LocalConfig};
+use notebook_operator::metrics::Metrics;
+use notebook_operator::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "notebook-operator",
+    version,
+    about = "Run Jupyter notebooks on demand as Kubernetes Jobs, one at a time per lock"
+)]
+struct Cli {
+    /// Log format on stderr (filter with RUST_LOG).
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The REST API with the local backend: notebooks run as processes on this machine.
+    Local(LocalArgs),
+    /// Print the NotebookRun CRD as YAML.
+    Crd,
+}
+
+#[derive(Args)]
+struct ApiArgs {
+    /// Address the REST API listens on.
+    #[arg(
+        long,
+        env = "NOTEBOOK_OPERATOR_LISTEN",
+        default_value = "127.0.0.1:8000"
+    )]
+    listen: String,
+    /// Bearer token required on every endpoint but /ping, /healthz, /readyz and /metrics.
+    #[arg(
+        long,
+        env = "NOTEBOOK_OPERATOR_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    fn token(&self) -> anyhow::Result<Option<Arc<str>>> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading token file {}", path.display()))?,
+            ),
+            (None, None) => None,
+        };
+        match token.map(|t| t.trim().to_string()) {
+            Some(t) if t.is_empty() => anyhow::bail!("the API token is empty"),
+            t => Ok(t.map(Arc::from)),
+        }
+    }
+}
+
+#[derive(Args)]
+struct LocalArgs {
+    /// The notebook every /start runs.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_NOTEBOOK")]
+    notebook: PathBuf,
+    /// Python with nbclient and ipykernel (the runner's packages).
+    #[arg(long, env = "NOTEBOOK_OPERATOR_PYTHON", default_value = "python3")]
+    python: PathBuf,
+    /// Where runs are kept (status, log, executed notebook); one server per data dir.
+    #[arg(
+        long,
+        env = "NOTEBOOK_OPERATOR_DATA_DIR",
+        default_value = ".notebook-operator"
+    )]
+    data_dir: PathBuf,
+    /// Time between SIGTERM and SIGKILL when a run is killed.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_KILL_GRACE", default_value = "10s", value_parser = parse_duration)]
+    kill_grace: std::time::Duration,
+    /// Longest time one cell may run.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_CELL_TIMEOUT", value_parser = parse_duration)]
+    cell_timeout: Option<std::time::Duration>,
+    /// Kernel name (default: the notebook's kernelspec).
+    #[arg(long, env = "NOTEBOOK_OPERATOR_KERNEL")]
+    kernel: Option<String>,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    notebook_operator::crd::parse_duration(s)
+        .ok_or_else(|| format!("invalid duration {s:?} (examples: 30s, 10m, 1h30m)"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::Crd => {
+            print!("{}", notebook_operator::crd::crd_yaml());
+            Ok(())
+        }
+        Command::Local(args) => run_local(args).await,
+    }
+}
+
+async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.notebook.is_file(),
+        "notebook {} not found",
+        args.notebook.display()
+    );
+    let token = args.api.token()?;
+    let metrics = Metrics::new();
+    // Runs execute in their own directory: a relative interpreter path must not move with them.
+    let python = if args.python.components().count() > 1 {
+        std::path::absolute(&args.python)?
+    } else {
+        args.python
+    };
+    let config = LocalConfig {
+        notebook: std::path::absolute(&args.notebook)?,
+        python,
+        data_dir: args.data_dir,
+        kill_grace: args.kill_grace,
+        cell_timeout: args.cell_timeout,
+        kernel: args.kernel,
+    };
+    let backend = LocalBackend::open(config, metrics.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(&args.api.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.api.listen))?;
+    let addr = listener.local_addr()?;
+    println!(
+        "notebook-operator (local backend) listening on http://{addr}  —  API docs: http://{addr}/docs/"
+    );
+    let state = AppState {
+        backend: Arc::new(backend),
+        metrics,
+        token,
+    };
+    api::serve(listener, state, telemetry::shutdown_signal()).await?;
+    Ok(())
+}
