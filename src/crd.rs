@@ -71,10 +71,7 @@ pub struct NotebookRunSpec {
     pub retries: i32,
     /// Lease name: runs sharing a lock run one at a time in a namespace.
     #[serde(default = "default_lock")]
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub lock: String,
     #[serde(default)]
     pub concurrency_policy: ConcurrencyPolicy,
@@ -159,9 +156,7 @@ pub enum ConcurrencyPolicy {
     Replace,
 }
 
-#[derive(
-    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, utoipa::ToSchema,
-)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, utoipa::ToSchema)]
 pub enum RunPhase {
     Pending,
     Queued,
@@ -174,10 +169,7 @@ pub enum RunPhase {
 
 impl RunPhase {
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            Self::Succeeded | Self::Failed | Self::Cancelled | Self::Rejected
-        )
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled | Self::Rejected)
     }
 
     /// The original service's (Celery's) vocabulary.
@@ -205,9 +197,7 @@ impl RunPhase {
 }
 
 /// The closed set of reasons used in status, Events and metric labels.
-#[derive(
-    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, utoipa::ToSchema,
-)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, utoipa::ToSchema)]
 pub enum Reason {
     LockHeld,
     Queued,
@@ -315,9 +305,7 @@ pub struct NotebookRunStatus {
     pub output: Option<OutputRef>,
 }
 
-#[derive(
-    Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema, utoipa::ToSchema,
-)]
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Progress {
     pub cells_total: u32,
@@ -333,11 +321,8 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(cells_total: u32, cells_completed: u32, current_cell: Option<u32>) -> Self {
-        let percent = if cells_total == 0 {
-            100
-        } else {
-            (cells_completed.min(cells_total) * 100) / cells_total
-        };
+        let percent =
+            if cells_total == 0 { 100 } else { (cells_completed.min(cells_total) * 100) / cells_total };
         Self {
             cells_total,
             cells_completed,
@@ -349,9 +334,7 @@ impl Progress {
 }
 
 /// Why a run failed, from the runner's termination message.
-#[derive(
-    Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema, utoipa::ToSchema,
-)]
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunError {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -387,9 +370,7 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
         return None;
     }
     while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
         if digits == 0 {
             return None;
         }
@@ -455,10 +436,8 @@ pub fn crd() -> CustomResourceDefinition {
 }
 
 fn immutability_rule() -> String {
-    let mut parts: Vec<String> = DEFAULTED_SPEC_FIELDS
-        .iter()
-        .map(|f| format!("self.{f} == oldSelf.{f}"))
-        .collect();
+    let mut parts: Vec<String> =
+        DEFAULTED_SPEC_FIELDS.iter().map(|f| format!("self.{f} == oldSelf.{f}")).collect();
     for f in OPTIONAL_SPEC_FIELDS {
         parts.push(format!(
             "(has(self.{f}) ? (has(oldSelf.{f}) && self.{f} == oldSelf.{f}) : !has(oldSelf.{f}))"
@@ -511,18 +490,9 @@ mod tests {
 
     #[test]
     fn durations_parse_like_kubernetes() {
-        assert_eq!(
-            parse_duration("90s"),
-            Some(std::time::Duration::from_secs(90))
-        );
-        assert_eq!(
-            parse_duration("1h30m"),
-            Some(std::time::Duration::from_secs(5400))
-        );
-        assert_eq!(
-            parse_duration("250ms"),
-            Some(std::time::Duration::from_millis(250))
-        );
+        assert_eq!(parse_duration("90s"), Some(std::time::Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Some(std::time::Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Some(std::time::Duration::from_millis(250)));
         assert_eq!(parse_duration(""), None);
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("5d"), None);
@@ -550,16 +520,8 @@ mod tests {
         let crd = serde_json::to_value(crd()).unwrap();
         let version = &crd["spec"]["versions"][0];
         let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
-        assert!(
-            spec["x-kubernetes-validations"][0]["rule"]
-                .as_str()
-                .unwrap()
-                .contains("oldSelf.image")
-        );
-        assert_eq!(
-            spec["properties"]["env"]["maxItems"],
-            json!(DEFAULT_MAX_ITEMS)
-        );
+        assert!(spec["x-kubernetes-validations"][0]["rule"].as_str().unwrap().contains("oldSelf.image"));
+        assert_eq!(spec["properties"]["env"]["maxItems"], json!(DEFAULT_MAX_ITEMS));
         assert_eq!(spec["properties"]["lock"]["maxLength"], json!(63));
         let columns: Vec<&str> = version["additionalPrinterColumns"]
             .as_array()

@@ -18,13 +18,7 @@ use notebook_operator::telemetry::{self, LogFormat};
 )]
 struct Cli {
     /// Log format on stderr (filter with RUST_LOG).
-    #[arg(
-        long,
-        env = "LOG_FORMAT",
-        value_enum,
-        default_value = "text",
-        global = true
-    )]
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -41,19 +35,10 @@ enum Command {
 #[derive(Args)]
 struct ApiArgs {
     /// Address the REST API listens on.
-    #[arg(
-        long,
-        env = "NOTEBOOK_OPERATOR_LISTEN",
-        default_value = "127.0.0.1:8000"
-    )]
+    #[arg(long, env = "NOTEBOOK_OPERATOR_LISTEN", default_value = "127.0.0.1:8000")]
     listen: String,
     /// Bearer token required on every endpoint but /ping, /healthz, /readyz and /metrics.
-    #[arg(
-        long,
-        env = "NOTEBOOK_OPERATOR_TOKEN",
-        hide_env_values = true,
-        conflicts_with = "token_file"
-    )]
+    #[arg(long, env = "NOTEBOOK_OPERATOR_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
     token: Option<String>,
     /// File holding the bearer token.
     #[arg(long, env = "NOTEBOOK_OPERATOR_TOKEN_FILE")]
@@ -86,11 +71,7 @@ struct LocalArgs {
     #[arg(long, env = "NOTEBOOK_OPERATOR_PYTHON", default_value = "python3")]
     python: PathBuf,
     /// Where runs are kept (status, log, executed notebook); one server per data dir.
-    #[arg(
-        long,
-        env = "NOTEBOOK_OPERATOR_DATA_DIR",
-        default_value = ".notebook-operator"
-    )]
+    #[arg(long, env = "NOTEBOOK_OPERATOR_DATA_DIR", default_value = ".notebook-operator")]
     data_dir: PathBuf,
     /// Time between SIGTERM and SIGKILL when a run is killed.
     #[arg(long, env = "NOTEBOOK_OPERATOR_KILL_GRACE", default_value = "10s", value_parser = parse_duration)]
@@ -124,19 +105,12 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.notebook.is_file(),
-        "notebook {} not found",
-        args.notebook.display()
-    );
+    anyhow::ensure!(args.notebook.is_file(), "notebook {} not found", args.notebook.display());
     let token = args.api.token()?;
     let metrics = Metrics::new();
     // Runs execute in their own directory: a relative interpreter path must not move with them.
-    let python = if args.python.components().count() > 1 {
-        std::path::absolute(&args.python)?
-    } else {
-        args.python
-    };
+    let python =
+        if args.python.components().count() > 1 { std::path::absolute(&args.python)? } else { args.python };
     let config = LocalConfig {
         notebook: std::path::absolute(&args.notebook)?,
         python,
@@ -153,11 +127,7 @@ async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
     println!(
         "notebook-operator (local backend) listening on http://{addr}  —  API docs: http://{addr}/docs/"
     );
-    let state = AppState {
-        backend: Arc::new(backend),
-        metrics,
-        token,
-    };
+    let state = AppState { backend: Arc::new(backend), metrics, token };
     api::serve(listener, state, telemetry::shutdown_signal()).await?;
     Ok(())
 }

@@ -42,27 +42,11 @@ impl Metrics {
         let run_duration = Histogram::new([1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0]);
         let runs_running = Gauge::default();
         let reconcile_errors = Family::<ReasonLabel, Counter>::default();
-        registry.register(
-            "runs_started",
-            "Runs that started executing",
-            runs_started.clone(),
-        );
-        registry.register(
-            "runs_finished",
-            "Runs that finished, by reason",
-            runs_finished.clone(),
-        );
-        registry.register(
-            "run_duration_seconds",
-            "Run duration from start to finish",
-            run_duration.clone(),
-        );
+        registry.register("runs_started", "Runs that started executing", runs_started.clone());
+        registry.register("runs_finished", "Runs that finished, by reason", runs_finished.clone());
+        registry.register("run_duration_seconds", "Run duration from start to finish", run_duration.clone());
         registry.register("runs_running", "Runs executing now", runs_running.clone());
-        registry.register(
-            "reconcile_errors",
-            "Reconcile errors, by reason",
-            reconcile_errors.clone(),
-        );
+        registry.register("reconcile_errors", "Reconcile errors, by reason", reconcile_errors.clone());
         Self {
             registry: Arc::new(registry),
             runs_started,
@@ -78,17 +62,8 @@ impl Metrics {
         self.runs_running.inc();
     }
 
-    pub fn run_finished(
-        &self,
-        reason: Reason,
-        started: Option<Timestamp>,
-        finished: Option<Timestamp>,
-    ) {
-        self.runs_finished
-            .get_or_create(&ReasonLabel {
-                reason: reason.as_str().into(),
-            })
-            .inc();
+    pub fn run_finished(&self, reason: Reason, started: Option<Timestamp>, finished: Option<Timestamp>) {
+        self.runs_finished.get_or_create(&ReasonLabel { reason: reason.as_str().into() }).inc();
         if let (Some(s), Some(f)) = (started, finished) {
             let secs = f.duration_since(s).as_secs_f64();
             self.run_duration.observe(secs.max(0.0));
@@ -97,11 +72,7 @@ impl Metrics {
     }
 
     pub fn reconcile_error(&self, reason: &'static str) {
-        self.reconcile_errors
-            .get_or_create(&ReasonLabel {
-                reason: reason.into(),
-            })
-            .inc();
+        self.reconcile_errors.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
     }
 
     /// The text exposition format.

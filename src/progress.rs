@@ -29,44 +29,24 @@ pub enum Event {
     #[serde(rename_all = "camelCase")]
     Start { cells_total: u32 },
     #[serde(rename_all = "camelCase")]
-    CellStart {
-        cell: u32,
-        cells_completed: u32,
-        cells_total: u32,
-    },
+    CellStart { cell: u32, cells_completed: u32, cells_total: u32 },
     #[serde(rename_all = "camelCase")]
-    CellDone {
-        cell: u32,
-        cells_completed: u32,
-        cells_total: u32,
-    },
+    CellDone { cell: u32, cells_completed: u32, cells_total: u32 },
     #[serde(rename_all = "camelCase")]
-    Finished {
-        reason: String,
-        cells_completed: u32,
-        cells_total: u32,
-    },
+    Finished { reason: String, cells_completed: u32, cells_total: u32 },
 }
 
 impl Event {
     pub fn progress(&self) -> Progress {
         match *self {
             Event::Start { cells_total } => Progress::new(cells_total, 0, None),
-            Event::CellStart {
-                cell,
-                cells_completed,
-                cells_total,
-            } => Progress::new(cells_total, cells_completed, Some(cell)),
-            Event::CellDone {
-                cells_completed,
-                cells_total,
-                ..
+            Event::CellStart { cell, cells_completed, cells_total } => {
+                Progress::new(cells_total, cells_completed, Some(cell))
             }
-            | Event::Finished {
-                cells_completed,
-                cells_total,
-                ..
-            } => Progress::new(cells_total, cells_completed, None),
+            Event::CellDone { cells_completed, cells_total, .. }
+            | Event::Finished { cells_completed, cells_total, .. } => {
+                Progress::new(cells_total, cells_completed, None)
+            }
         }
     }
 }
@@ -135,9 +115,7 @@ pub enum TrailerError {
 pub fn decode_trailer(data: &str) -> Result<Vec<u8>, TrailerError> {
     let gz = base64::engine::general_purpose::STANDARD.decode(data.trim())?;
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..])
-        .take(MAX_NOTEBOOK_BYTES + 1)
-        .read_to_end(&mut out)?;
+    flate2::read::GzDecoder::new(&gz[..]).take(MAX_NOTEBOOK_BYTES + 1).read_to_end(&mut out)?;
     if out.len() as u64 > MAX_NOTEBOOK_BYTES {
         return Err(TrailerError::TooLarge);
     }
@@ -153,9 +131,7 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 
 pub fn gunzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(data)
-        .take(MAX_NOTEBOOK_BYTES + 1)
-        .read_to_end(&mut out)?;
+    flate2::read::GzDecoder::new(data).take(MAX_NOTEBOOK_BYTES + 1).read_to_end(&mut out)?;
     Ok(out)
 }
 
@@ -192,21 +168,13 @@ impl TerminationMessage {
             reason: Some(reason),
             ename: self.ename.clone(),
             evalue: self.evalue.clone(),
-            traceback: self
-                .traceback
-                .as_deref()
-                .map(|t| strip_ansi(t))
-                .map(|t| keep_tail(&t, 4096)),
+            traceback: self.traceback.as_deref().map(|t| strip_ansi(t)).map(|t| keep_tail(&t, 4096)),
             cell: self.cell,
         })
     }
 
     pub fn progress(&self) -> Option<Progress> {
-        Some(Progress::new(
-            self.cells_total?,
-            self.cells_completed.unwrap_or(0),
-            None,
-        ))
+        Some(Progress::new(self.cells_total?, self.cells_completed.unwrap_or(0), None))
     }
 }
 
@@ -281,23 +249,13 @@ mod tests {
     #[test]
     fn classifies_events_trailers_and_output() {
         let l = r#"##notebook-operator:progress {"event":"cell_done","cell":3,"cellsCompleted":2,"cellsTotal":4}"#;
-        assert_eq!(
-            classify(l),
-            Line::Event(Event::CellDone {
-                cell: 3,
-                cells_completed: 2,
-                cells_total: 4
-            })
-        );
+        assert_eq!(classify(l), Line::Event(Event::CellDone { cell: 3, cells_completed: 2, cells_total: 4 }));
         assert_eq!(classify("hello"), Line::Output("hello"));
         assert_eq!(
             classify("##notebook-operator:progress {broken"),
             Line::Output("##notebook-operator:progress {broken")
         );
-        assert_eq!(
-            classify("##notebook-operator:notebook abc"),
-            Line::Trailer("abc")
-        );
+        assert_eq!(classify("##notebook-operator:notebook abc"), Line::Trailer("abc"));
     }
 
     #[test]
@@ -305,10 +263,7 @@ mod tests {
         let log = "a\n##notebook-operator:progress {\"event\":\"start\",\"cellsTotal\":4}\nb\n\
                    ##notebook-operator:progress {\"event\":\"cell_start\",\"cell\":1,\"cellsCompleted\":1,\"cellsTotal\":4}\n";
         let p = latest_progress(log).unwrap();
-        assert_eq!(
-            (p.cells_completed, p.cells_total, p.current_cell, p.percent),
-            (1, 4, Some(1), 25)
-        );
+        assert_eq!((p.cells_completed, p.cells_total, p.current_cell, p.percent), (1, 4, Some(1), 25));
         assert_eq!(latest_progress("nothing here"), None);
     }
 
@@ -316,24 +271,15 @@ mod tests {
     fn trailer_round_trips() {
         use base64::Engine;
         let nb = br#"{"cells":[],"nbformat":4}"#;
-        let line = format!(
-            "{TRAILER_PREFIX}{}",
-            base64::engine::general_purpose::STANDARD.encode(gzip(nb))
-        );
+        let line = format!("{TRAILER_PREFIX}{}", base64::engine::general_purpose::STANDARD.encode(gzip(nb)));
         assert_eq!(notebook_from_log(&format!("x\n{line}\n")).unwrap(), nb);
         assert!(decode_trailer("!!!").is_err());
     }
 
     #[test]
     fn strips_ansi_and_keeps_tail() {
-        assert_eq!(
-            strip_ansi("\u{1b}[0;31mValueError\u{1b}[0m: bad"),
-            "ValueError: bad"
-        );
-        assert_eq!(
-            strip_ansi("\u{1b}]8;;http://x\u{7}link\u{1b}]8;;\u{7}"),
-            "link"
-        );
+        assert_eq!(strip_ansi("\u{1b}[0;31mValueError\u{1b}[0m: bad"), "ValueError: bad");
+        assert_eq!(strip_ansi("\u{1b}]8;;http://x\u{7}link\u{1b}]8;;\u{7}"), "link");
         assert_eq!(keep_tail("abcdef", 3), "def");
         assert_eq!(keep_tail("ééé", 3), "é");
     }

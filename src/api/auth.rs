@@ -32,10 +32,7 @@ pub async fn require_token(State(state): State<AppState>, req: Request, next: Ne
                 "Not authenticated: send Authorization: Bearer <token>",
             )
             .into_response();
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
             resp
         }
     }

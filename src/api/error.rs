@@ -23,10 +23,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, detail: impl Into<String>) -> Self {
-        Self {
-            status,
-            detail: detail.into(),
-        }
+        Self { status, detail: detail.into() }
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Self {
@@ -36,13 +33,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(ErrorBody {
-                detail: self.detail,
-            }),
-        )
-            .into_response()
+        (self.status, Json(ErrorBody { detail: self.detail })).into_response()
     }
 }
 
@@ -82,13 +73,8 @@ where
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Self(None));
         }
-        serde_json::from_slice(&bytes)
-            .map(|v| Self(Some(v)))
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("invalid request body: {e}"),
-                )
-            })
+        serde_json::from_slice(&bytes).map(|v| Self(Some(v))).map_err(|e| {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("invalid request body: {e}"))
+        })
     }
 }

@@ -51,9 +51,7 @@ pub async fn create_run(
     let parameters = body.0.unwrap_or_default().parameters;
     match state.backend.start(parameters).await {
         Ok(run) => Ok((StatusCode::CREATED, Json(run)).into_response()),
-        Err(e @ BackendError::AlreadyRunning(_)) => {
-            Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))
-        }
+        Err(e @ BackendError::AlreadyRunning(_)) => Err(ApiError::new(StatusCode::CONFLICT, e.to_string())),
         Err(e) => Err(e.into()),
     }
 }
@@ -73,12 +71,7 @@ pub async fn list_runs(
     State(state): State<AppState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<RunPage>, ApiError> {
-    Ok(Json(
-        state
-            .backend
-            .list(q.limit.unwrap_or(50), q.continue_token.as_deref())
-            .await?,
-    ))
+    Ok(Json(state.backend.list(q.limit.unwrap_or(50), q.continue_token.as_deref()).await?))
 }
 
 #[utoipa::path(
@@ -138,10 +131,7 @@ pub async fn run_notebook(
 ) -> Result<Response, ApiError> {
     match state.backend.notebook(&id).await? {
         Some(nb) => Ok(([(header::CONTENT_TYPE, "application/x-ipynb+json")], nb).into_response()),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("Run {id} has no executed notebook yet."),
-        )),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("Run {id} has no executed notebook yet."))),
     }
 }
 

@@ -82,11 +82,7 @@ pub struct OutputQuery {
 async fn task(state: &AppState, task_id: Option<&str>) -> Result<RunInfo, ApiError> {
     match task_id {
         Some(id) => Ok(state.backend.get(id).await?),
-        None => state
-            .backend
-            .latest()
-            .await?
-            .ok_or_else(|| ApiError::bad_request("The task never ran.")),
+        None => state.backend.latest().await?.ok_or_else(|| ApiError::bad_request("The task never ran.")),
     }
 }
 
@@ -166,16 +162,10 @@ pub async fn output(
     }
     if q.full {
         return match state.backend.notebook(&run.id).await? {
-            Some(nb) => {
-                Ok(([(header::CONTENT_TYPE, "application/x-ipynb+json")], nb).into_response())
-            }
+            Some(nb) => Ok(([(header::CONTENT_TYPE, "application/x-ipynb+json")], nb).into_response()),
             None => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
-                format!(
-                    "Task {} has no executed notebook ({}).",
-                    run.id,
-                    run.phase.as_str()
-                ),
+                format!("Task {} has no executed notebook ({}).", run.id, run.phase.as_str()),
             )),
         };
     }
@@ -186,11 +176,9 @@ pub async fn output(
 pub fn output_text(run: &RunInfo) -> String {
     match run.phase {
         RunPhase::Succeeded => format!("✅ Task {} finished with success.\n", run.id),
-        RunPhase::Cancelled => format!(
-            "⛔ Task {} was revoked: {}\n",
-            run.id,
-            run.message.as_deref().unwrap_or("cancelled")
-        ),
+        RunPhase::Cancelled => {
+            format!("⛔ Task {} was revoked: {}\n", run.id, run.message.as_deref().unwrap_or("cancelled"))
+        }
         _ => {
             let detail = run
                 .error
@@ -199,17 +187,10 @@ pub fn output_text(run: &RunInfo) -> String {
                 .filter(|t| !t.trim().is_empty())
                 .unwrap_or_else(|| {
                     let reason = run.reason.map(Reason::as_str).unwrap_or("Failed");
-                    format!(
-                        "{reason}: {}",
-                        run.message.as_deref().unwrap_or("the run failed")
-                    )
+                    format!("{reason}: {}", run.message.as_deref().unwrap_or("the run failed"))
                 });
             let detail = crate::progress::strip_ansi(&detail);
-            format!(
-                "❗❗Task {} finished with failure ❗❗\n\n{}\n",
-                run.id,
-                detail.trim_end()
-            )
+            format!("❗❗Task {} finished with failure ❗❗\n\n{}\n", run.id, detail.trim_end())
         }
     }
 }
@@ -246,12 +227,6 @@ pub fn text(body: String) -> Response {
 }
 
 pub fn text_stream(body: Body) -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        body,
-    )
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], body)
         .into_response()
 }

@@ -99,10 +99,7 @@ impl LocalBackend {
                 run.finished_at = Some(Timestamp::now());
                 write_atomic(
                     &dir.join(RUN_FILE),
-                    &serde_json::to_vec_pretty(&StoredRun {
-                        run: run.clone(),
-                        pid: None,
-                    })?,
+                    &serde_json::to_vec_pretty(&StoredRun { run: run.clone(), pid: None })?,
                 )?;
                 info!(run = %run.id, "marked interrupted run as Failed");
             }
@@ -125,10 +122,7 @@ impl LocalBackend {
 
     fn persist(&self, run: &RunInfo, pid: Option<i32>) {
         let path = self.run_dir(&run.id).join(RUN_FILE);
-        let stored = StoredRun {
-            run: run.clone(),
-            pid,
-        };
+        let stored = StoredRun { run: run.clone(), pid };
         let result = serde_json::to_vec_pretty(&stored)
             .map_err(std::io::Error::other)
             .and_then(|bytes| write_atomic(&path, &bytes));
@@ -163,8 +157,7 @@ impl LocalBackend {
             cmd.arg("--parameters").arg(path);
         }
         if let Some(timeout) = self.config.cell_timeout {
-            cmd.arg("--cell-timeout")
-                .arg(timeout.as_secs().max(1).to_string());
+            cmd.arg("--cell-timeout").arg(timeout.as_secs().max(1).to_string());
         }
         if let Some(kernel) = &self.config.kernel {
             cmd.arg("--kernel").arg(kernel);
@@ -181,9 +174,7 @@ impl LocalBackend {
         // SAFETY: prctl is async-signal-safe; the runner dies with this server, so a restarted
         // server never finds a run still executing behind its back.
         unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-            });
+            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
         }
         let mut child = cmd.spawn()?;
         drop(cmd);
@@ -225,12 +216,7 @@ impl LocalBackend {
         log_path: &Path,
         log_tx: &watch::Sender<u64>,
     ) {
-        let mut log = match tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path)
-            .await
-        {
+        let mut log = match tokio::fs::OpenOptions::new().create(true).append(true).open(log_path).await {
             Ok(f) => f,
             Err(e) => {
                 warn!(error = %e, "cannot open run log");
@@ -279,10 +265,7 @@ impl LocalBackend {
             .ok()
             .and_then(|t| TerminationMessage::parse(&t));
         let mut state = self.state.lock().await;
-        let cancel_requested = state
-            .active
-            .as_ref()
-            .is_some_and(|a| a.id == id && a.cancel_requested);
+        let cancel_requested = state.active.as_ref().is_some_and(|a| a.id == id && a.cancel_requested);
         state.active = None;
         let Some(run) = state.runs.get_mut(id) else {
             return;
@@ -299,19 +282,13 @@ impl LocalBackend {
         let run = run.clone();
         drop(state);
         self.persist(&run, None);
-        self.metrics.run_finished(
-            run.reason.unwrap_or(Reason::PodFailed),
-            run.started_at,
-            run.finished_at,
-        );
+        self.metrics.run_finished(run.reason.unwrap_or(Reason::PodFailed), run.started_at, run.finished_at);
         info!(phase = run.phase.as_str(), reason = ?run.reason, "run finished");
     }
 
     /// Waits (bounded) until the run whose log sender this is has ended and been recorded.
     async fn wait_ended(mut log_len: watch::Receiver<u64>, limit: Duration) -> bool {
-        tokio::time::timeout(limit, async { while log_len.changed().await.is_ok() {} })
-            .await
-            .is_ok()
+        tokio::time::timeout(limit, async { while log_len.changed().await.is_ok() {} }).await.is_ok()
     }
 }
 
@@ -343,10 +320,7 @@ impl Backend for Arc<LocalBackend> {
             Err(e) => {
                 run.phase = RunPhase::Failed;
                 run.reason = Some(Reason::PodFailed);
-                run.message = Some(format!(
-                    "could not start {}: {e}",
-                    self.config.python.display()
-                ));
+                run.message = Some(format!("could not start {}: {e}", self.config.python.display()));
                 run.finished_at = Some(Timestamp::now());
                 self.persist(&run, None);
                 state.runs.insert(run.id.clone(), run.clone());
@@ -356,12 +330,7 @@ impl Backend for Arc<LocalBackend> {
         self.persist(&run, Some(pgid.as_raw()));
         self.metrics.run_started();
         state.runs.insert(run.id.clone(), run.clone());
-        state.active = Some(Active {
-            id: run.id.clone(),
-            pgid,
-            cancel_requested: false,
-            log_len,
-        });
+        state.active = Some(Active { id: run.id.clone(), pgid, cancel_requested: false, log_len });
         info!(run = %run.id, pid = pgid.as_raw(), "run started");
         Ok(run)
     }
@@ -371,21 +340,13 @@ impl Backend for Arc<LocalBackend> {
         Ok(state
             .runs
             .values()
-            .max_by(|a, b| {
-                a.created_at
-                    .cmp(&b.created_at)
-                    .then_with(|| a.id.cmp(&b.id))
-            })
+            .max_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)))
             .cloned())
     }
 
     async fn get(&self, id: &str) -> Result<RunInfo> {
         let state = self.state.lock().await;
-        state
-            .runs
-            .get(id)
-            .cloned()
-            .ok_or_else(|| BackendError::NotFound(id.to_string()))
+        state.runs.get(id).cloned().ok_or_else(|| BackendError::NotFound(id.to_string()))
     }
 
     async fn list(&self, limit: usize, continue_token: Option<&str>) -> Result<RunPage> {
@@ -395,11 +356,7 @@ impl Backend for Arc<LocalBackend> {
 
     async fn cancel(&self, id: &str) -> Result<RunInfo> {
         let mut state = self.state.lock().await;
-        let run = state
-            .runs
-            .get(id)
-            .cloned()
-            .ok_or_else(|| BackendError::NotFound(id.to_string()))?;
+        let run = state.runs.get(id).cloned().ok_or_else(|| BackendError::NotFound(id.to_string()))?;
         let Some(active) = state.active.as_mut().filter(|a| a.id == id) else {
             return Ok(run); // finished: left as it is
         };
@@ -431,11 +388,7 @@ impl Backend for Arc<LocalBackend> {
         let path = self.run_dir(id).join(LOG_FILE);
         let live = {
             let state = self.state.lock().await;
-            state
-                .active
-                .as_ref()
-                .filter(|a| a.id == id && follow)
-                .map(|a| a.log_len.clone())
+            state.active.as_ref().filter(|a| a.id == id && follow).map(|a| a.log_len.clone())
         };
         Ok(Box::pin(follow_file(path, live)))
     }
@@ -443,14 +396,9 @@ impl Backend for Arc<LocalBackend> {
     async fn delete(&self, id: &str) -> Result<()> {
         let mut state = self.state.lock().await;
         if state.active.as_ref().is_some_and(|a| a.id == id) {
-            return Err(BackendError::Conflict(format!(
-                "run {id} is active: cancel it first"
-            )));
+            return Err(BackendError::Conflict(format!("run {id} is active: cancel it first")));
         }
-        state
-            .runs
-            .remove(id)
-            .ok_or_else(|| BackendError::NotFound(id.to_string()))?;
+        state.runs.remove(id).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
         std::fs::remove_dir_all(self.run_dir(id)).map_err(BackendError::internal)
     }
 
@@ -533,11 +481,7 @@ fn local_outcome(
         (_, Some(sig)) => format!("the runner was killed by signal {sig}"),
         _ => "the runner's exit status is unknown".into(),
     });
-    Outcome {
-        phase: RunPhase::Failed,
-        reason,
-        message,
-    }
+    Outcome { phase: RunPhase::Failed, reason, message }
 }
 
 /// What `run.json` holds: the run and, while it is active, its process group.
@@ -551,12 +495,7 @@ struct StoredRun {
 
 fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
     let path = dir.join("server.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)?;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(mut lock) => {
             use std::io::{Seek, Write};
@@ -597,14 +536,7 @@ fn new_run_id() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 #[cfg(test)]
@@ -627,26 +559,15 @@ mod tests {
             message: Some("Cell 2 timed out".into()),
             ..Default::default()
         };
-        let o = local_outcome(
-            Some(&std::process::ExitStatus::from_raw(3 << 8)),
-            Some(&msg),
-            false,
-        );
+        let o = local_outcome(Some(&std::process::ExitStatus::from_raw(3 << 8)), Some(&msg), false);
         assert_eq!(
             (o.phase, o.reason, o.message.as_str()),
             (RunPhase::Failed, Reason::CellTimeout, "Cell 2 timed out")
         );
-        let o = local_outcome(
-            Some(&std::process::ExitStatus::from_raw(4 << 8)),
-            None,
-            false,
-        );
+        let o = local_outcome(Some(&std::process::ExitStatus::from_raw(4 << 8)), None, false);
         assert_eq!(o.reason, Reason::KernelDied);
         let o = local_outcome(Some(&std::process::ExitStatus::from_raw(9)), None, true);
-        assert_eq!(
-            (o.phase, o.reason),
-            (RunPhase::Cancelled, Reason::Cancelled)
-        );
+        assert_eq!((o.phase, o.reason), (RunPhase::Cancelled, Reason::Cancelled));
         let o = local_outcome(Some(&std::process::ExitStatus::from_raw(0)), None, true);
         assert_eq!(o.phase, RunPhase::Succeeded);
     }

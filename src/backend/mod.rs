@@ -98,14 +98,8 @@ pub trait Backend: Send + Sync + 'static {
 
 /// Sorts runs newest first (creation time, then id) and cuts one page after `continue_token`.
 pub fn paginate(mut runs: Vec<RunInfo>, limit: usize, continue_token: Option<&str>) -> RunPage {
-    runs.sort_by(|a, b| {
-        b.created_at
-            .cmp(&a.created_at)
-            .then_with(|| b.id.cmp(&a.id))
-    });
-    let start = continue_token
-        .and_then(|t| runs.iter().position(|r| r.id == t).map(|i| i + 1))
-        .unwrap_or(0);
+    runs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
+    let start = continue_token.and_then(|t| runs.iter().position(|r| r.id == t).map(|i| i + 1)).unwrap_or(0);
     let limit = limit.clamp(1, 500);
     let items: Vec<RunInfo> = runs.into_iter().skip(start).take(limit + 1).collect();
     let mut items = items;
@@ -115,8 +109,5 @@ pub fn paginate(mut runs: Vec<RunInfo>, limit: usize, continue_token: Option<&st
     } else {
         None
     };
-    RunPage {
-        items,
-        continue_token,
-    }
+    RunPage { items, continue_token }
 }
