@@ -1,0 +1,422 @@
+//! The REST API on the local backend, end to end: the real binary, the real runner and a real
+//! Jupyter kernel (the venv made by `make venv`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_notebook-operator");
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+fn python() -> PathBuf {
+    let venv = Path::new(REPO).join(".venv/bin/python");
+    assert!(venv.exists(), "{} is missing: run `make venv` first", venv.display());
+    venv
+}
+
+/// A notebook of code cells (source strings), kernel python3.
+fn notebook(cells: &[&str]) -> String {
+    let cells: Vec<Value> = cells
+        .iter()
+        .enumerate()
+        .map(|(i, src)| {
+            json!({"cell_type": "code", "id": format!("c{i}"), "metadata": {}, "execution_count": null,
+                   "outputs": [], "source": src})
+        })
+        .collect();
+    json!({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+           "nbformat": 4, "nbformat_minor": 5})
+    .to_string()
+}
+
+struct Server {
+    child: Child,
+    url: String,
+    data_dir: PathBuf,
+    http: reqwest::Client,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Options<'a> {
+    notebook: &'a str,
+    data_dir: Option<&'a Path>,
+    token: Option<&'a str>,
+}
+
+fn spawn(opts: Options<'_>) -> std::io::Result<(Child, Option<tempfile::TempDir>, PathBuf, PathBuf)> {
+    let tmp = tempfile::tempdir()?;
+    let nb_path = tmp.path().join("notebook.ipynb");
+    std::fs::write(&nb_path, opts.notebook)?;
+    let data_dir = opts.data_dir.map(Path::to_path_buf).unwrap_or_else(|| tmp.path().join("data"));
+    let mut cmd = Command::new(BIN);
+    cmd.args(["local", "--listen", "127.0.0.1:0", "--kill-grace", "5s"])
+        .arg("--notebook")
+        .arg(&nb_path)
+        .arg("--python")
+        .arg(python())
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(t) = opts.token {
+        cmd.arg("--token").arg(t);
+    }
+    Ok((cmd.spawn()?, Some(tmp), data_dir, nb_path))
+}
+
+async fn start_server(opts: Options<'_>) -> Server {
+    let (mut child, tmp, data_dir, _) = spawn(opts).expect("spawn notebook-operator");
+    let stdout = child.stdout.take().expect("stdout");
+    // The first stdout line names the address.
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    })
+    .await
+    .expect("join")
+    .expect("read stdout");
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in the server's first line: {line:?}"))
+        .to_string();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
+    Server { child, url, data_dir, http, _tmp: tmp }
+}
+
+impl Server {
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self.http.get(format!("{}{path}", self.url)).send().await.expect("GET");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, path: &str, body: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.url));
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b.to_string());
+        }
+        let resp = req.send().await.expect("POST");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn text(&self, path: &str) -> (u16, String) {
+        let resp = self.http.get(format!("{}{path}", self.url)).send().await.expect("GET");
+        (resp.status().as_u16(), resp.text().await.expect("text"))
+    }
+
+    /// Polls `/progress?task_id=` until `done` holds, or panics after `limit`.
+    async fn wait_for(&self, id: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (_, run) = self.get(&format!("/progress?task_id={id}")).await;
+            if done(&run) {
+                return run;
+            }
+            assert!(Instant::now() < deadline, "run {id} did not reach the expected state in {limit:?}: {run}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_finished(&self, id: &str) -> Value {
+        self.wait_for(id, Duration::from_secs(90), |r| r["date"].is_string()).await
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // A zombie is dead for our purposes.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.split(") ").nth(1).is_some_and(|rest| rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+async fn wait_gone(pid: i32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while pid_alive(pid) {
+        assert!(Instant::now() < deadline, "{what} (pid {pid}) is still alive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const SUCCESS_NB: [&str; 3] = ["print('one')", "import time; time.sleep(1.0); print('two')", "print('three')"];
+
+#[tokio::test]
+async fn seed_flow_matches_the_original() {
+    let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None }).await;
+
+    assert_eq!(s.get("/ping").await, (200, json!("I am alive")));
+    assert_eq!(s.get("/progress").await, (400, json!({"detail": "The task never ran."})));
+    assert_eq!(s.get("/output").await, (400, json!({"detail": "The task never ran."})));
+    assert_eq!(s.get("/kill").await, (400, json!({"detail": "The task never ran."})));
+
+    let (code, started) = s.get("/start").await;
+    assert_eq!(code, 200, "{started}");
+    let id = started["id"].as_str().expect("id").to_string();
+    assert_eq!(started["status"], "STARTED");
+    assert!(started["date"].is_null());
+
+    let (code, again) = s.post("/start", None).await;
+    assert_eq!((code, again), (400, json!({"detail": format!("Another run is already running: {id}")})));
+
+    let (code, body) = s.get("/output").await;
+    assert_eq!(code, 400);
+    assert!(body["detail"].as_str().unwrap().contains("is in state STARTED"), "{body}");
+
+    let (code, body) = s.get("/progress?task_id=nope").await;
+    assert_eq!((code, body), (404, json!({"detail": "Could not find task nope"})));
+
+    let done = s.wait_finished(&id).await;
+    assert_eq!(done["status"], "SUCCESS", "{done}");
+    assert_eq!(done["phase"], "Succeeded");
+    assert_eq!(done["progress"]["percent"], 100);
+    assert_eq!(done["progress"]["cellsTotal"], 3);
+    let date = done["date"].as_str().unwrap();
+    assert!(date.parse::<jiff::Timestamp>().is_ok() && date.ends_with('Z'), "date {date} is RFC 3339 with a zone");
+
+    assert_eq!(s.text("/output").await, (200, format!("✅ Task {id} finished with success.\n")));
+    let (code, full) = s.text("/output?full=true").await;
+    assert_eq!(code, 200);
+    let nb: Value = serde_json::from_str(&full).expect("full=true is ipynb JSON");
+    let outputs = nb["cells"][2]["outputs"].to_string();
+    assert!(outputs.contains("three"), "executed notebook has the outputs: {outputs}");
+
+    // /kill of a finished run leaves it as it is.
+    let (code, killed) = s.post(&format!("/kill?task_id={id}"), None).await;
+    assert_eq!((code, killed["status"].as_str()), (200, Some("SUCCESS")));
+
+    let (code, page) = s.get("/runs").await;
+    assert_eq!(code, 200);
+    assert_eq!(page["items"][0]["id"], id.as_str());
+    let (_, log) = s.text(&format!("/runs/{id}/logs")).await;
+    assert_eq!(log, "one\ntwo\nthree\n", "the log is what the cells printed");
+    let (code, _) = s.text(&format!("/runs/{id}/notebook")).await;
+    assert_eq!(code, 200);
+}
+
+#[tokio::test]
+async fn failure_answers_the_traceback() {
+    let nb = notebook(&["x = 1", "raise ValueError('bad value here')", "print('never')"]);
+    let s = start_server(Options { notebook: &nb, data_dir: None, token: None }).await;
+    let (_, started) = s.post("/start", None).await;
+    let id = started["id"].as_str().unwrap().to_string();
+    let done = s.wait_finished(&id).await;
+    assert_eq!(done["status"], "FAILURE", "{done}");
+    assert_eq!(done["reason"], "CellError");
+    let (code, text) = s.text("/output").await;
+    assert_eq!(code, 200);
+    let header = format!("❗❗Task {id} finished with failure ❗❗\n\n");
+    assert!(text.starts_with(&header), "{text}");
+    assert!(text.contains("ValueError") && text.contains("bad value here"), "{text}");
+    assert!(!text.contains('\u{1b}'), "traceback is ANSI-free: {text:?}");
+    let (_, run) = s.get(&format!("/runs/{id}")).await;
+    assert_eq!(run["error"]["ename"], "ValueError");
+    assert_eq!(run["error"]["cell"], 1);
+    // The partial notebook is kept.
+    let (code, full) = s.text("/output?full=true").await;
+    assert_eq!(code, 200);
+    assert!(full.contains("ValueError"));
+}
+
+#[tokio::test]
+async fn fifty_simultaneous_starts_admit_exactly_one() {
+    let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None }).await;
+    let calls = (0..50).map(|_| s.post("/start", None));
+    let answers = futures::future::join_all(calls).await;
+    let accepted: Vec<&Value> = answers.iter().filter(|(c, _)| *c == 200).map(|(_, b)| b).collect();
+    assert_eq!(accepted.len(), 1, "exactly one /start is accepted: {answers:?}");
+    let id = accepted[0]["id"].as_str().unwrap();
+    let refused = answers.iter().filter(|(c, b)| *c == 400 && b["detail"].as_str().unwrap().ends_with(id)).count();
+    assert_eq!(refused, 49);
+    let (_, page) = s.get("/runs").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    s.wait_finished(id).await;
+}
+
+/// A notebook that reports its kernel's pid, then runs until killed.
+fn pid_then_sleep() -> String {
+    notebook(&["import os; print('kernel-pid', os.getpid(), flush=True)", "import time\nfor i in range(600):\n    time.sleep(0.5)"])
+}
+
+async fn kernel_pid(s: &Server, id: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, log) = s.text(&format!("/runs/{id}/logs")).await;
+        if let Some(pid) = log.lines().find_map(|l| l.strip_prefix("kernel-pid ")) {
+            return pid.trim().parse().expect("pid");
+        }
+        assert!(Instant::now() < deadline, "the kernel never printed its pid: {log:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn runner_pid(data_dir: &Path, id: &str) -> i32 {
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(data_dir.join("runs").join(id).join("run.json")).unwrap()).unwrap();
+    record["pid"].as_i64().expect("an active run records its pid") as i32
+}
+
+#[tokio::test]
+async fn kill_stops_the_group_and_the_kernel_and_keeps_the_partial_notebook() {
+    let s = start_server(Options { notebook: &pid_then_sleep(), data_dir: None, token: None }).await;
+    let (_, started) = s.get("/start").await;
+    let id = started["id"].as_str().unwrap().to_string();
+    let kernel = kernel_pid(&s, &id).await;
+    let runner = runner_pid(&s.data_dir, &id);
+    assert!(pid_alive(kernel) && pid_alive(runner));
+
+    let (code, killed) = s.get("/kill").await;
+    assert_eq!(code, 200);
+    assert_eq!(killed["status"], "REVOKED", "{killed}");
+    assert_eq!(killed["reason"], "Cancelled");
+    wait_gone(runner, "runner").await;
+    wait_gone(kernel, "kernel").await;
+
+    let (code, full) = s.text(&format!("/output?task_id={id}&full=true")).await;
+    assert_eq!(code, 200);
+    assert!(full.contains("kernel-pid"), "partial notebook keeps the first cell's output");
+    let (code, text) = s.text("/output").await;
+    assert_eq!(code, 200);
+    assert!(text.contains("revoked"), "{text}");
+
+    let (code, next) = s.post("/start", None).await;
+    assert_eq!(code, 200, "the next /start is accepted: {next}");
+    assert_ne!(next["id"], id.as_str());
+    s.post("/kill", None).await;
+}
+
+#[tokio::test]
+async fn a_server_killed_mid_run_marks_it_interrupted_on_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let nb = pid_then_sleep();
+    let mut first = start_server(Options { notebook: &nb, data_dir: Some(data.path()), token: None }).await;
+    let (_, started) = first.get("/start").await;
+    let id = started["id"].as_str().unwrap().to_string();
+    let kernel = kernel_pid(&first, &id).await;
+    let runner = runner_pid(data.path(), &id);
+    first.child.kill().unwrap(); // SIGKILL
+    first.child.wait().unwrap();
+    wait_gone(runner, "runner of the killed server").await;
+    wait_gone(kernel, "kernel of the killed server").await;
+
+    let second = start_server(Options { notebook: &nb, data_dir: Some(data.path()), token: None }).await;
+    let (code, run) = second.get(&format!("/progress?task_id={id}")).await;
+    assert_eq!(code, 200);
+    assert_eq!((run["status"].as_str(), run["reason"].as_str()), (Some("FAILURE"), Some("Interrupted")), "{run}");
+    let (code, next) = second.post("/start", None).await;
+    assert_eq!(code, 200, "{next}");
+    second.post("/kill", None).await;
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_dir_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let nb = notebook(&SUCCESS_NB);
+    let _first = start_server(Options { notebook: &nb, data_dir: Some(data.path()), token: None }).await;
+    let (child, _tmp, _, _) = spawn(Options { notebook: &nb, data_dir: Some(data.path()), token: None }).unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is in use by another notebook-operator"), "clear message: {stderr}");
+}
+
+#[tokio::test]
+async fn token_guards_everything_but_ping_and_probes() {
+    let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: Some("s3cret") }).await;
+    assert_eq!(s.get("/ping").await.0, 200);
+    assert_eq!(s.get("/healthz").await.0, 200);
+    assert_eq!(s.get("/readyz").await.0, 200);
+    assert_eq!(s.get("/metrics").await.0, 200);
+    let (code, body) = s.get("/progress").await;
+    assert_eq!(code, 401);
+    assert!(body["detail"].as_str().unwrap().contains("Bearer"));
+    assert_eq!(s.get("/openapi.json").await.0, 401);
+    let wrong = s.http.get(format!("{}/progress", s.url)).bearer_auth("nope").send().await.unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    let right = s.http.get(format!("{}/progress", s.url)).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(right.status().as_u16(), 400, "authorized, and no run ever ran");
+}
+
+#[tokio::test]
+async fn bad_bodies_get_413_and_422() {
+    let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None }).await;
+    let big = format!("{{\"parameters\": {{\"x\": \"{}\"}}}}", "a".repeat(1024 * 1024 + 1024));
+    assert_eq!(s.post("/start", Some(&big)).await.0, 413);
+    for bad in [r#"{"parameters": {}, "extra": 1}"#, "not json", r#"{"parameters": [1, 2]}"#] {
+        let (code, body) = s.post("/start", Some(bad)).await;
+        assert_eq!(code, 422, "{bad}: {body}");
+        assert!(body["detail"].is_string());
+    }
+    assert_eq!(s.get("/progress").await.0, 400, "nothing was started by a bad body");
+}
+
+#[tokio::test]
+async fn parameters_are_injected() {
+    let path = Path::new(REPO).join("notebooks/parameters.ipynb");
+    let nb = std::fs::read_to_string(path).unwrap();
+    let s = start_server(Options { notebook: &nb, data_dir: None, token: None }).await;
+    let (code, started) = s.post("/start", Some(r#"{"parameters": {"name": "operator", "count": 2}}"#)).await;
+    assert_eq!(code, 200, "{started}");
+    let id = started["id"].as_str().unwrap().to_string();
+    let done = s.wait_finished(&id).await;
+    assert_eq!(done["status"], "SUCCESS", "{done}");
+    let (_, log) = s.text(&format!("/runs/{id}/logs")).await;
+    assert!(log.contains("hello operator, hello operator"), "{log}");
+    let (_, full) = s.text("/output?full=true").await;
+    assert!(full.contains("injected-parameters"));
+}
+
+#[tokio::test]
+async fn follow_streams_the_log_before_the_run_ends() {
+    let nb = notebook(&["print('first line', flush=True)", "import time; time.sleep(4)", "print('last line')"]);
+    let s = start_server(Options { notebook: &nb, data_dir: None, token: None }).await;
+    let (_, started) = s.post("/start", None).await;
+    let id = started["id"].as_str().unwrap().to_string();
+    let resp = s.http.get(format!("{}/output?follow=true", s.url)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("first line") {
+        let chunk = tokio::time::timeout(Duration::from_secs(60), stream.next()).await.expect("a chunk in time");
+        seen.push_str(&String::from_utf8_lossy(&chunk.expect("stream open").unwrap()));
+    }
+    let (_, run) = s.get(&format!("/progress?task_id={id}")).await;
+    assert_eq!(run["status"], "STARTED", "the first line arrived while the run was going");
+    while let Some(chunk) = stream.next().await {
+        seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(seen.ends_with("last line\n"), "the stream ends with the run: {seen:?}");
+}
+
+#[tokio::test]
+async fn openapi_lists_every_route() {
+    let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None }).await;
+    let (code, doc) = s.get("/openapi.json").await;
+    assert_eq!(code, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    let paths = doc["paths"].as_object().unwrap();
+    for p in [
+        "/start", "/progress", "/output", "/kill", "/ping", "/runs", "/runs/{id}", "/runs/{id}/logs",
+        "/runs/{id}/notebook", "/runs/{id}/cancel", "/healthz", "/readyz", "/metrics",
+    ] {
+        assert!(paths.contains_key(p), "OpenAPI lists {p}");
+    }
+    assert!(paths["/start"]["get"].is_object() && paths["/start"]["post"].is_object());
+    assert!(paths["/start"]["get"]["responses"]["400"].is_object());
+    let (code, html) = s.text("/docs/").await;
+    assert_eq!(code, 200);
+    assert!(html.contains("swagger"), "Swagger UI is served from the binary");
+}
