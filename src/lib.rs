@@ -3,10 +3,14 @@
 
 pub mod api;
 pub mod backend;
+pub mod controller;
 pub mod crd;
+pub mod job;
+pub mod lock;
 pub mod metrics;
 pub mod progress;
 pub mod runner;
+pub mod status;
 pub mod telemetry;
 
 pub use crd::{NotebookRun, NotebookRunSpec, NotebookRunStatus, Reason, RunPhase};

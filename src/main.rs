@@ -7,8 +7,11 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use notebook_operator::api::{self, AppState};
 use notebook_operator::backend::local::{LocalBackend, LocalConfig};
+use notebook_operator::controller::{self, ControllerConfig, Readiness};
+use notebook_operator::job::JobConfig;
 use notebook_operator::metrics::Metrics;
 use notebook_operator::telemetry::{self, LogFormat};
+use tracing::info;
 
 #[derive(Parser)]
 #[command(
@@ -28,8 +31,36 @@ struct Cli {
 enum Command {
     /// The REST API with the local backend: notebooks run as processes on this machine.
     Local(LocalArgs),
+    /// The controller: reconciles NotebookRuns into Leases and Jobs; serves /healthz, /readyz, /metrics.
+    Controller(ControllerArgs),
     /// Print the NotebookRun CRD as YAML.
     Crd,
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// Image for runs that name none (needs python3 with nbclient and ipykernel).
+    #[arg(
+        long,
+        env = "NOTEBOOK_OPERATOR_DEFAULT_IMAGE",
+        default_value = "quay.io/jupyter/minimal-notebook:python-3.12"
+    )]
+    default_image: String,
+    /// The interpreter inside the image.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_RUNNER_PYTHON", default_value = "python3")]
+    runner_python: String,
+    /// Watch one namespace (default: all namespaces).
+    #[arg(long, env = "NOTEBOOK_OPERATOR_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_CONTROLLER_LISTEN", default_value = "0.0.0.0:8081")]
+    listen: String,
+    /// How often a running run's progress is read from its pod log.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_PROGRESS_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    progress_interval: std::time::Duration,
+    /// How long a cancelled run's pod gets to hand over its partial notebook.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_CANCEL_GRACE", default_value = "40s", value_parser = parse_duration)]
+    cancel_grace: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -101,7 +132,70 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Local(args) => run_local(args).await,
+        Command::Controller(args) => run_controller(args).await,
     }
+}
+
+async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let metrics = Metrics::new();
+    let readiness = Readiness::default();
+    let config = ControllerConfig {
+        job: JobConfig { default_image: args.default_image, python: args.runner_python },
+        namespace: args.namespace,
+        progress_interval: args.progress_interval,
+        cancel_grace: args.cancel_grace,
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let ops = controller_ops(metrics.clone(), readiness.clone());
+    let server = axum::serve(listener, ops).with_graceful_shutdown(stopped());
+    let controller = controller::run(client, config, metrics, readiness, stopped());
+    tokio::spawn(async move {
+        telemetry::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    tokio::select! {
+        () = controller => info!("controller stopped"),
+        res = server => res.context("probe server")?,
+    }
+    Ok(())
+}
+
+/// /healthz, /readyz (run cache synced) and /metrics of the controller.
+fn controller_ops(metrics: Metrics, readiness: Readiness) -> axum::Router {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = readiness.is_ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ok")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "cache not synced")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let body = metrics.render();
+                async move { body }
+            }),
+        )
 }
 
 async fn run_local(args: LocalArgs) -> anyhow::Result<()> {

@@ -1,0 +1,243 @@
+//! Pure status derivation: a finished Job and its pod → phase, reason, message, error; a pod
+//! stuck before start → the waiting reason; conditions with stable transition times.
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::{Progress, Reason, RunError, RunPhase};
+use crate::progress::{self, TerminationMessage};
+
+/// Waiting reasons that mean the pod will not start by itself soon.
+pub const START_PROBLEMS: [&str; 6] = [
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "Unschedulable",
+];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub phase: RunPhase,
+    pub reason: Reason,
+    pub message: String,
+    pub error: Option<RunError>,
+    pub progress: Option<Progress>,
+}
+
+/// `Some(true)` when the Job completed, `Some(false)` when it failed, `None` while it runs.
+pub fn job_finished(job: &Job) -> Option<(bool, Option<String>)> {
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    conditions.iter().filter(|c| c.status == "True").find_map(|c| match c.type_.as_str() {
+        "Complete" => Some((true, c.reason.clone())),
+        "Failed" => Some((false, c.reason.clone())),
+        _ => None,
+    })
+}
+
+/// The terminated state of the runner container, if it ended.
+fn terminated(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::ContainerStateTerminated> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == crate::job::CONTAINER)?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()
+}
+
+/// Phase and reason of a finished Job, from its conditions, the container's terminated state
+/// and the runner's termination message.
+pub fn outcome(job: &Job, pod: Option<&Pod>) -> Option<Outcome> {
+    let (complete, job_reason) = job_finished(job)?;
+    let term = pod.and_then(terminated);
+    let message = term.and_then(|t| t.message.as_deref()).and_then(TerminationMessage::parse);
+    let progress = message.as_ref().and_then(TerminationMessage::progress);
+    let summary = message.as_ref().and_then(|m| m.message.clone());
+    if complete {
+        return Some(Outcome {
+            phase: RunPhase::Succeeded,
+            reason: Reason::Succeeded,
+            message: summary.unwrap_or_else(|| "the notebook ran to the end".into()),
+            error: None,
+            progress,
+        });
+    }
+    if job_reason.as_deref() == Some("DeadlineExceeded") {
+        let deadline = job.spec.as_ref().and_then(|s| s.active_deadline_seconds).unwrap_or_default();
+        return Some(Outcome {
+            phase: RunPhase::Failed,
+            reason: Reason::DeadlineExceeded,
+            message: format!("the run exceeded its {deadline}s timeout"),
+            error: Some(RunError { reason: Some(Reason::DeadlineExceeded), ..Default::default() }),
+            progress,
+        });
+    }
+    let oom = term.is_some_and(|t| t.reason.as_deref() == Some("OOMKilled"));
+    let reason = if oom {
+        Reason::OomKilled
+    } else if let Some(r) = message.as_ref().and_then(TerminationMessage::reason) {
+        r
+    } else if let Some(t) = term {
+        progress::reason_for_exit_code(t.exit_code)
+    } else {
+        Reason::PodFailed
+    };
+    let message_text = summary.unwrap_or_else(|| match (term, oom) {
+        (Some(_), true) => "the runner was killed for using more memory than its limit".into(),
+        (Some(t), false) => format!(
+            "the runner exited with code {}{}",
+            t.exit_code,
+            t.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+        ),
+        (None, _) => format!("the Job failed: {}", job_reason.as_deref().unwrap_or("no reason given")),
+    });
+    let error = message.as_ref().and_then(TerminationMessage::error).or_else(|| {
+        Some(RunError {
+            reason: Some(reason),
+            traceback: term
+                .and_then(|t| t.message.clone())
+                .map(|m| progress::keep_tail(&progress::strip_ansi(&m), 4096)),
+            ..Default::default()
+        })
+    });
+    Some(Outcome { phase: RunPhase::Failed, reason, message: message_text, error, progress })
+}
+
+/// Why the pod has not started, if it is stuck on something that will not fix itself.
+pub fn start_problem(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let waiting = status.container_statuses.iter().flatten().find_map(|c| {
+        let w = c.state.as_ref()?.waiting.as_ref()?;
+        let reason = w.reason.as_deref()?;
+        START_PROBLEMS.contains(&reason).then(|| match &w.message {
+            Some(m) => format!("{reason}: {m}"),
+            None => reason.to_string(),
+        })
+    });
+    waiting.or_else(|| {
+        status.conditions.iter().flatten().find_map(|c| {
+            (c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+                .then(|| format!("Unschedulable: {}", c.message.clone().unwrap_or_default()))
+        })
+    })
+}
+
+/// The run's condition types.
+pub const CONDITION_SUCCEEDED: &str = "Succeeded";
+
+/// Sets the `Succeeded` condition for a phase; `lastTransitionTime` moves only when its status does.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    phase: RunPhase,
+    reason: Reason,
+    message: &str,
+    generation: Option<i64>,
+    now: Time,
+) {
+    let status = match phase {
+        RunPhase::Succeeded => "True",
+        RunPhase::Failed | RunPhase::Cancelled | RunPhase::Rejected => "False",
+        _ => "Unknown",
+    };
+    let message: String = message.chars().take(32_000).collect();
+    match conditions.iter_mut().find(|c| c.type_ == CONDITION_SUCCEEDED) {
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = now;
+            }
+            c.status = status.into();
+            c.reason = reason.as_str().into();
+            c.message = message;
+            c.observed_generation = generation;
+        }
+        None => conditions.push(Condition {
+            type_: CONDITION_SUCCEEDED.into(),
+            status: status.into(),
+            reason: reason.as_str().into(),
+            message,
+            observed_generation: generation,
+            last_transition_time: now,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn job(cond: &str, reason: &str) -> Job {
+        serde_json::from_value(json!({"spec": {"activeDeadlineSeconds": 5, "template": {}},
+            "status": {"conditions": [{"type": cond, "status": "True", "reason": reason}]}}))
+        .unwrap()
+    }
+
+    fn pod(exit: i32, reason: &str, message: &str) -> Pod {
+        serde_json::from_value(
+            json!({"status": {"containerStatuses": [{"name": "runner", "image": "i", "imageID": "",
+            "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": exit, "reason": reason, "message": message}}}]}}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn running_job_has_no_outcome() {
+        let j: Job = serde_json::from_value(json!({"status": {"active": 1}})).unwrap();
+        assert_eq!(outcome(&j, None), None);
+    }
+
+    #[test]
+    fn cell_error_comes_from_the_termination_message() {
+        let msg = r#"{"reason":"CellError","message":"Cell 2 raised ValueError: bad","ename":"ValueError","evalue":"bad","traceback":"T","cell":2,"cellsTotal":3,"cellsCompleted":1}"#;
+        let o = outcome(&job("Failed", "PodFailurePolicy"), Some(&pod(1, "Error", msg))).unwrap();
+        assert_eq!((o.phase, o.reason), (RunPhase::Failed, Reason::CellError));
+        assert_eq!(o.message, "Cell 2 raised ValueError: bad");
+        assert_eq!(o.error.unwrap().ename.as_deref(), Some("ValueError"));
+        assert_eq!(o.progress.unwrap().cells_completed, 1);
+    }
+
+    #[test]
+    fn deadline_oom_and_exit_codes() {
+        let o = outcome(&job("Failed", "DeadlineExceeded"), None).unwrap();
+        assert_eq!(o.reason, Reason::DeadlineExceeded);
+        let o = outcome(&job("Failed", "BackoffLimitExceeded"), Some(&pod(137, "OOMKilled", ""))).unwrap();
+        assert_eq!(o.reason, Reason::OomKilled);
+        let o = outcome(&job("Failed", "PodFailurePolicy"), Some(&pod(4, "Error", "not json"))).unwrap();
+        assert_eq!(o.reason, Reason::KernelDied);
+        let o = outcome(&job("Complete", "CompletionsReached"), Some(&pod(0, "Completed", ""))).unwrap();
+        assert_eq!(o.phase, RunPhase::Succeeded);
+    }
+
+    #[test]
+    fn start_problems_name_the_waiting_reason() {
+        let p: Pod =
+            serde_json::from_value(json!({"status": {"containerStatuses": [{"name": "runner", "image": "i",
+            "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}}}]}}))
+            .unwrap();
+        assert_eq!(start_problem(&p).as_deref(), Some("ImagePullBackOff: Back-off pulling image"));
+        let p: Pod = serde_json::from_value(json!({"status": {"containerStatuses": [{"name": "runner", "image": "i",
+            "imageID": "", "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}}))
+        .unwrap();
+        assert_eq!(start_problem(&p), None);
+    }
+
+    #[test]
+    fn transition_time_moves_only_on_change() {
+        let t0 = Time(jiff::Timestamp::from_second(1).unwrap());
+        let t1 = Time(jiff::Timestamp::from_second(2).unwrap());
+        let mut c = Vec::new();
+        set_condition(&mut c, RunPhase::Queued, Reason::Queued, "q", Some(1), t0.clone());
+        set_condition(&mut c, RunPhase::Running, Reason::Started, "r", Some(1), t1.clone());
+        assert_eq!(c[0].last_transition_time, t0);
+        set_condition(&mut c, RunPhase::Succeeded, Reason::Succeeded, "s", Some(1), t1.clone());
+        assert_eq!((c[0].status.as_str(), &c[0].last_transition_time), ("True", &t1));
+    }
+}
