@@ -272,7 +272,8 @@ impl Reconciler<'_> {
                 self.transition(RunPhase::Rejected, Reason::LockHeld, message, |_| {}).await?;
                 return Ok(Action::requeue(Duration::from_millis(10)));
             }
-            ConcurrencyPolicy::Replace if holds => {
+            // Replace cancels the holder it found on arrival, once; then it waits its turn like Queue.
+            ConcurrencyPolicy::Replace if holds && self.phase() != Some(RunPhase::Queued) => {
                 let runs: Api<NotebookRun> = self.api();
                 let patch = json!({
                     "metadata": {"annotations": {REPLACED_BY: self.run.name_any()}},

@@ -126,7 +126,10 @@ impl Server {
             if done(&run) {
                 return run;
             }
-            assert!(Instant::now() < deadline, "run {id} did not reach the expected state in {limit:?}: {run}");
+            assert!(
+                Instant::now() < deadline,
+                "run {id} did not reach the expected state in {limit:?}: {run}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -152,7 +155,8 @@ async fn wait_gone(pid: i32, what: &str) {
     }
 }
 
-const SUCCESS_NB: [&str; 3] = ["print('one')", "import time; time.sleep(1.0); print('two')", "print('three')"];
+const SUCCESS_NB: [&str; 3] =
+    ["print('one')", "import time; time.sleep(1.0); print('two')", "print('three')"];
 
 #[tokio::test]
 async fn seed_flow_matches_the_original() {
@@ -185,7 +189,10 @@ async fn seed_flow_matches_the_original() {
     assert_eq!(done["progress"]["percent"], 100);
     assert_eq!(done["progress"]["cellsTotal"], 3);
     let date = done["date"].as_str().unwrap();
-    assert!(date.parse::<jiff::Timestamp>().is_ok() && date.ends_with('Z'), "date {date} is RFC 3339 with a zone");
+    assert!(
+        date.parse::<jiff::Timestamp>().is_ok() && date.ends_with('Z'),
+        "date {date} is RFC 3339 with a zone"
+    );
 
     assert_eq!(s.text("/output").await, (200, format!("✅ Task {id} finished with success.\n")));
     let (code, full) = s.text("/output?full=true").await;
@@ -239,7 +246,8 @@ async fn fifty_simultaneous_starts_admit_exactly_one() {
     let accepted: Vec<&Value> = answers.iter().filter(|(c, _)| *c == 200).map(|(_, b)| b).collect();
     assert_eq!(accepted.len(), 1, "exactly one /start is accepted: {answers:?}");
     let id = accepted[0]["id"].as_str().unwrap();
-    let refused = answers.iter().filter(|(c, b)| *c == 400 && b["detail"].as_str().unwrap().ends_with(id)).count();
+    let refused =
+        answers.iter().filter(|(c, b)| *c == 400 && b["detail"].as_str().unwrap().ends_with(id)).count();
     assert_eq!(refused, 49);
     let (_, page) = s.get("/runs").await;
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
@@ -248,7 +256,10 @@ async fn fifty_simultaneous_starts_admit_exactly_one() {
 
 /// A notebook that reports its kernel's pid, then runs until killed.
 fn pid_then_sleep() -> String {
-    notebook(&["import os; print('kernel-pid', os.getpid(), flush=True)", "import time\nfor i in range(600):\n    time.sleep(0.5)"])
+    notebook(&[
+        "import os; print('kernel-pid', os.getpid(), flush=True)",
+        "import time\nfor i in range(600):\n    time.sleep(0.5)",
+    ])
 }
 
 async fn kernel_pid(s: &Server, id: &str) -> i32 {
@@ -265,7 +276,8 @@ async fn kernel_pid(s: &Server, id: &str) -> i32 {
 
 fn runner_pid(data_dir: &Path, id: &str) -> i32 {
     let record: Value =
-        serde_json::from_slice(&std::fs::read(data_dir.join("runs").join(id).join("run.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(data_dir.join("runs").join(id).join("run.json")).unwrap())
+            .unwrap();
     record["pid"].as_i64().expect("an active run records its pid") as i32
 }
 
@@ -315,7 +327,11 @@ async fn a_server_killed_mid_run_marks_it_interrupted_on_restart() {
     let second = start_server(Options { notebook: &nb, data_dir: Some(data.path()), token: None }).await;
     let (code, run) = second.get(&format!("/progress?task_id={id}")).await;
     assert_eq!(code, 200);
-    assert_eq!((run["status"].as_str(), run["reason"].as_str()), (Some("FAILURE"), Some("Interrupted")), "{run}");
+    assert_eq!(
+        (run["status"].as_str(), run["reason"].as_str()),
+        (Some("FAILURE"), Some("Interrupted")),
+        "{run}"
+    );
     let (code, next) = second.post("/start", None).await;
     assert_eq!(code, 200, "{next}");
     second.post("/kill", None).await;
@@ -326,7 +342,8 @@ async fn a_second_server_on_the_same_data_dir_is_refused() {
     let data = tempfile::tempdir().unwrap();
     let nb = notebook(&SUCCESS_NB);
     let _first = start_server(Options { notebook: &nb, data_dir: Some(data.path()), token: None }).await;
-    let (child, _tmp, _, _) = spawn(Options { notebook: &nb, data_dir: Some(data.path()), token: None }).unwrap();
+    let (child, _tmp, _, _) =
+        spawn(Options { notebook: &nb, data_dir: Some(data.path()), token: None }).unwrap();
     let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -335,7 +352,8 @@ async fn a_second_server_on_the_same_data_dir_is_refused() {
 
 #[tokio::test]
 async fn token_guards_everything_but_ping_and_probes() {
-    let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: Some("s3cret") }).await;
+    let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: Some("s3cret") })
+        .await;
     assert_eq!(s.get("/ping").await.0, 200);
     assert_eq!(s.get("/healthz").await.0, 200);
     assert_eq!(s.get("/readyz").await.0, 200);
@@ -381,7 +399,8 @@ async fn parameters_are_injected() {
 
 #[tokio::test]
 async fn follow_streams_the_log_before_the_run_ends() {
-    let nb = notebook(&["print('first line', flush=True)", "import time; time.sleep(4)", "print('last line')"]);
+    let nb =
+        notebook(&["print('first line', flush=True)", "import time; time.sleep(4)", "print('last line')"]);
     let s = start_server(Options { notebook: &nb, data_dir: None, token: None }).await;
     let (_, started) = s.post("/start", None).await;
     let id = started["id"].as_str().unwrap().to_string();
@@ -390,7 +409,8 @@ async fn follow_streams_the_log_before_the_run_ends() {
     let mut stream = resp.bytes_stream();
     let mut seen = String::new();
     while !seen.contains("first line") {
-        let chunk = tokio::time::timeout(Duration::from_secs(60), stream.next()).await.expect("a chunk in time");
+        let chunk =
+            tokio::time::timeout(Duration::from_secs(60), stream.next()).await.expect("a chunk in time");
         seen.push_str(&String::from_utf8_lossy(&chunk.expect("stream open").unwrap()));
     }
     let (_, run) = s.get(&format!("/progress?task_id={id}")).await;
@@ -409,8 +429,19 @@ async fn openapi_lists_every_route() {
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     let paths = doc["paths"].as_object().unwrap();
     for p in [
-        "/start", "/progress", "/output", "/kill", "/ping", "/runs", "/runs/{id}", "/runs/{id}/logs",
-        "/runs/{id}/notebook", "/runs/{id}/cancel", "/healthz", "/readyz", "/metrics",
+        "/start",
+        "/progress",
+        "/output",
+        "/kill",
+        "/ping",
+        "/runs",
+        "/runs/{id}",
+        "/runs/{id}/logs",
+        "/runs/{id}/notebook",
+        "/runs/{id}/cancel",
+        "/healthz",
+        "/readyz",
+        "/metrics",
     ] {
         assert!(paths.contains_key(p), "OpenAPI lists {p}");
     }

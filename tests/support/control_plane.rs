@@ -1,0 +1,520 @@
+//! etcd + kube-apiserver + kube-controller-manager + the test kubelet, started
+//! envtest-style on loopback with generated certificates and token auth.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+use std::{env, fs};
+
+use anyhow::{Context, anyhow, bail};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+use super::certs;
+use super::kubelet::{Kubelet, KubeletConfig};
+use super::namespace::TestNamespace;
+use super::process::{self, Daemon};
+use super::wait::try_wait_for;
+
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(90);
+const NAMESPACE_TIMEOUT: Duration = Duration::from_secs(60);
+const NODE_NAME: &str = "test-node";
+const CONTROLLERS: &[&str] = &[
+    "job-controller",
+    "cronjob-controller",
+    "garbage-collector-controller",
+    "ttl-after-finished-controller",
+    "serviceaccount-controller",
+    "namespace-controller",
+    "root-ca-certificate-publisher-controller",
+    "deployment-controller",
+    "replicaset-controller",
+    "clusterrole-aggregation-controller",
+];
+
+/// A running control plane. Owned instances ([`ControlPlane::start`]) stop
+/// every child process on drop; the [`ControlPlane::shared`] one lives until
+/// the test process exits.
+pub struct ControlPlane {
+    info: Arc<Info>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+struct Info {
+    dir: PathBuf,
+    assets: PathBuf,
+    config: Config,
+    kubeconfig: PathBuf,
+    server: String,
+    #[allow(dead_code)] // read by accessors only some test binaries use
+    token: String,
+    #[allow(dead_code)]
+    node_name: String,
+    pids: Vec<u32>,
+    log_files: Vec<PathBuf>,
+    startup: Duration,
+}
+
+/// What the control-plane thread owns while the control plane runs.
+struct Running {
+    daemons: Vec<Daemon>,
+    kubelet: Kubelet,
+}
+
+impl ControlPlane {
+    /// The control plane of this test binary, started on first use.
+    pub fn shared() -> &'static ControlPlane {
+        // A failed start is kept too, so that every test fails fast with its cause.
+        static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
+        let started = SHARED.get_or_init(|| {
+            let cp = Self::try_start().map_err(|e| format!("{e:#}"))?;
+            process::remove_at_exit(cp.info.dir.clone());
+            Ok(cp)
+        });
+        match started {
+            Ok(cp) => cp,
+            Err(e) => panic!("cannot start the control plane: {e}"),
+        }
+    }
+
+    /// Starts a control plane owned by the caller; panics when it cannot.
+    pub fn start() -> ControlPlane {
+        Self::try_start().unwrap_or_else(|e| panic!("cannot start the control plane: {e:#}"))
+    }
+
+    pub fn try_start() -> anyhow::Result<ControlPlane> {
+        let assets = assets_dir()?;
+        let dir = tempfile::Builder::new().prefix("notebook-operator-cp-").tempdir()?.keep();
+        if env::var("KEEP_CONTROL_PLANE").is_ok_and(|v| v == "1") {
+            process::keep_dirs();
+        }
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let boot_dir = dir.clone();
+        // Children are spawned from this thread and its runtime's workers, which
+        // live as long as the control plane: PR_SET_PDEATHSIG follows threads.
+        let thread = thread::Builder::new().name("control-plane".into()).spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("control-plane-worker")
+                .enable_all()
+                .build()
+                .expect("control-plane runtime");
+            runtime.block_on(async move {
+                match boot(&boot_dir, &assets).await {
+                    Ok((running, info)) => {
+                        let _ = ready_tx.send(Ok(info));
+                        let _ = stop_rx.await;
+                        running.stop().await;
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+            runtime.shutdown_timeout(Duration::from_secs(5));
+        })?;
+        match ready_rx.recv() {
+            Ok(Ok(info)) => {
+                eprintln!(
+                    "control plane ready in {:.1}s: {} (kubeconfig {})",
+                    info.startup.as_secs_f64(),
+                    info.server,
+                    info.kubeconfig.display()
+                );
+                Ok(ControlPlane { info: Arc::new(info), stop: Some(stop_tx), thread: Some(thread) })
+            }
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                process::keep_dirs();
+                Err(e.context(format!("control plane directory {}", dir.display())))
+            }
+            Err(_) => {
+                let _ = thread.join();
+                bail!("the control-plane thread died; see {}", dir.display())
+            }
+        }
+    }
+
+    /// A copy of the admin client configuration.
+    pub fn config(&self) -> Config {
+        self.info.config.clone()
+    }
+
+    /// A fresh admin client. Clients are bound to the runtime that creates
+    /// them, so every test makes its own.
+    pub fn client(&self) -> Client {
+        Client::try_from(self.config()).expect("build a kube client")
+    }
+}
+
+// Accessors for test binaries; each binary uses only some of them.
+#[allow(dead_code)]
+impl ControlPlane {
+    /// The admin kubeconfig file (token auth, CA data inline).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.info.kubeconfig
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn server(&self) -> &str {
+        &self.info.server
+    }
+
+    /// The bearer token of the admin user (group `system:masters`).
+    pub fn admin_token(&self) -> &str {
+        &self.info.token
+    }
+
+    /// The folder with kube-apiserver, kubectl, helm, ...
+    pub fn assets(&self) -> &Path {
+        &self.info.assets
+    }
+
+    /// A binary from [`Self::assets`], e.g. `kubectl` or `helm`.
+    pub fn binary(&self, name: &str) -> PathBuf {
+        self.info.assets.join(name)
+    }
+
+    /// `kubectl --kubeconfig <admin kubeconfig>`.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(self.binary("kubectl"));
+        cmd.arg("--kubeconfig").arg(&self.info.kubeconfig);
+        cmd
+    }
+
+    /// The temporary folder holding certificates, data and logs.
+    pub fn dir(&self) -> &Path {
+        &self.info.dir
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.info.node_name
+    }
+
+    /// Pids of etcd, kube-apiserver and kube-controller-manager.
+    pub fn pids(&self) -> &[u32] {
+        &self.info.pids
+    }
+
+    /// Log files of etcd, kube-apiserver, kube-controller-manager and the kubelet.
+    pub fn log_files(&self) -> &[PathBuf] {
+        &self.info.log_files
+    }
+
+    /// How long the start took, until the `default` service account existed.
+    pub fn startup_time(&self) -> Duration {
+        self.info.startup
+    }
+
+    /// Prints a namespace's objects and the log files (see [`TestNamespace`]).
+    pub async fn dump(&self, ns: &str) {
+        let text = super::namespace::dump(&self.client(), ns, &self.info.log_files).await;
+        eprintln!("{text}");
+    }
+}
+
+impl ControlPlane {
+    /// Creates a namespace with a unique name starting with `prefix`, and
+    /// waits for its `default` service account and `kube-root-ca.crt`.
+    pub async fn namespace(&self, prefix: &str) -> TestNamespace {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let mut prefix: String = prefix
+            .to_lowercase()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(40)
+            .collect();
+        prefix = prefix.trim_matches('-').to_string();
+        if prefix.is_empty() {
+            prefix = "test".into();
+        }
+        let name =
+            format!("{prefix}-{}-{:04x}", COUNTER.fetch_add(1, Ordering::SeqCst), rand::random::<u16>());
+        let client = self.client();
+        let namespace: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "labels": { "test.notebook-operator/namespace": "true" } }
+        }))
+        .expect("namespace object");
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+        let accounts = Api::<ServiceAccount>::namespaced(client.clone(), &name);
+        let config_maps = Api::<ConfigMap>::namespaced(client, &name);
+        let ready = try_wait_for(NAMESPACE_TIMEOUT, || async {
+            matches!(accounts.get_opt("default").await, Ok(Some(_)))
+                && matches!(config_maps.get_opt("kube-root-ca.crt").await, Ok(Some(_)))
+        })
+        .await;
+        assert!(
+            ready.is_some(),
+            "namespace {name}: no `default` service account or `kube-root-ca.crt` after \
+             {NAMESPACE_TIMEOUT:?}; is kube-controller-manager running? logs: {:?}",
+            self.info.log_files
+        );
+        TestNamespace::new(name, self.config(), self.info.log_files.clone())
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        if std::thread::panicking() || process::dirs_kept() {
+            eprintln!("control plane: kept {}", self.info.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.info.dir);
+        }
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.kubelet.stop().await;
+        // Controller manager first, etcd last: fewer errors in the logs.
+        for mut daemon in self.daemons.into_iter().rev() {
+            daemon.kill();
+        }
+    }
+}
+
+/// The folder with the binaries: `KUBEBUILDER_ASSETS`, else what
+/// `tests/control-plane/build.sh` prints last (it reuses its cache).
+fn assets_dir() -> anyhow::Result<PathBuf> {
+    static ASSETS: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(dir) = ASSETS.get() {
+        return Ok(dir.clone());
+    }
+    let dir = match env::var("KUBEBUILDER_ASSETS") {
+        Ok(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/control-plane/build.sh");
+            let output = Command::new(&script)
+                .stdin(Stdio::null())
+                .stderr(Stdio::inherit())
+                .output()
+                .with_context(|| format!("run {}", script.display()))?;
+            if !output.status.success() {
+                bail!("{} failed with {}", script.display(), output.status);
+            }
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let last = stdout
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .ok_or_else(|| anyhow!("{} printed nothing", script.display()))?;
+            PathBuf::from(last.trim())
+        }
+    };
+    for binary in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+        if !dir.join(binary).is_file() {
+            bail!("{} has no {binary}", dir.display());
+        }
+    }
+    Ok(ASSETS.get_or_init(|| dir).clone())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn boot(dir: &Path, assets: &Path) -> anyhow::Result<(Running, Info)> {
+    let started = Instant::now();
+    let pki = certs::generate(&dir.join("pki"))?;
+    let token = format!("{:032x}", rand::random::<u128>());
+    let token_file = dir.join("tokens.csv");
+    fs::write(&token_file, format!("{token},admin,admin,\"system:masters\"\n"))?;
+    let logs = dir.join("logs");
+    fs::create_dir_all(&logs)?;
+
+    let (etcd_port, etcd_peer_port) = (free_port()?, free_port()?);
+    let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+    let peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
+    let mut etcd = Daemon::spawn(
+        "etcd",
+        &assets.join("etcd"),
+        &[
+            "--name=test".into(),
+            format!("--data-dir={}", dir.join("etcd").display()),
+            format!("--listen-client-urls={etcd_url}"),
+            format!("--advertise-client-urls={etcd_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=test={peer_url}"),
+            "--unsafe-no-fsync=true".into(),
+        ],
+        logs.join("etcd.log"),
+    )?;
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes())?)
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    poll_until_ok(&http, &format!("{etcd_url}/health"), None, &mut etcd).await?;
+
+    let api_port = free_port()?;
+    let server = format!("https://127.0.0.1:{api_port}");
+    let mut apiserver = Daemon::spawn(
+        "kube-apiserver",
+        &assets.join("kube-apiserver"),
+        &[
+            "--advertise-address=127.0.0.1".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", dir.join("apiserver").display()),
+            format!("--tls-cert-file={}", pki.apiserver_cert.display()),
+            format!("--tls-private-key-file={}", pki.apiserver_key.display()),
+            format!("--client-ca-file={}", pki.ca_cert.display()),
+            format!("--etcd-servers={etcd_url}"),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--allow-privileged=true".into(),
+            "--authorization-mode=Node,RBAC".into(),
+            format!("--token-auth-file={}", token_file.display()),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", pki.service_account_public_key.display()),
+            format!("--service-account-signing-key-file={}", pki.service_account_private_key.display()),
+            format!("--kubelet-certificate-authority={}", pki.ca_cert.display()),
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            // No node-lifecycle controller removes the not-ready taint.
+            "--disable-admission-plugins=TaintNodesByCondition".into(),
+            "--endpoint-reconciler-type=none".into(),
+            "--enable-priority-and-fairness=false".into(),
+            "--profiling=false".into(),
+        ],
+        logs.join("kube-apiserver.log"),
+    )?;
+    poll_until_ok(&http, &format!("{server}/readyz"), Some(&token), &mut apiserver).await?;
+
+    let kubeconfig = dir.join("kubeconfig");
+    fs::write(&kubeconfig, kubeconfig_yaml(&server, &pki.ca_pem, &token))?;
+    let config =
+        Config::from_custom_kubeconfig(Kubeconfig::read_from(&kubeconfig)?, &KubeConfigOptions::default())
+            .await?;
+
+    let kcm_port = free_port()?;
+    let controllers = CONTROLLERS.join(",");
+    let mut kcm = Daemon::spawn(
+        "kube-controller-manager",
+        &assets.join("kube-controller-manager"),
+        &[
+            format!("--kubeconfig={}", kubeconfig.display()),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={kcm_port}"),
+            format!("--cert-dir={}", dir.join("controller-manager").display()),
+            "--leader-elect=false".into(),
+            "--use-service-account-credentials=false".into(),
+            format!("--controllers={controllers}"),
+            format!("--root-ca-file={}", pki.ca_cert.display()),
+            format!("--service-account-private-key-file={}", pki.service_account_private_key.display()),
+            "--profiling=false".into(),
+        ],
+        logs.join("kube-controller-manager.log"),
+    )?;
+
+    let client = Client::try_from(config.clone())?;
+    let kubelet_log = logs.join("kubelet.log");
+    let kubelet = Kubelet::start(KubeletConfig {
+        client: client.clone(),
+        node_name: NODE_NAME.into(),
+        root: dir.join("kubelet"),
+        identity: pki.kubelet,
+        api_server_port: api_port,
+        path_prepend: env::var("TEST_KUBELET_PATH_PREPEND").unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin").display().to_string()
+        }),
+        log_file: kubelet_log.clone(),
+    })
+    .await
+    .context("start the test kubelet")?;
+
+    // The controller manager is up once it has made the `default` service account.
+    let accounts = Api::<ServiceAccount>::namespaced(client, "default");
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        kcm.ensure_running()?;
+        if matches!(accounts.get_opt("default").await, Ok(Some(_))) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("no `default` service account after {STARTUP_TIMEOUT:?}; see {}", kcm.log().display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let daemons = vec![etcd, apiserver, kcm];
+    let info = Info {
+        dir: dir.to_path_buf(),
+        assets: assets.to_path_buf(),
+        config,
+        kubeconfig,
+        server,
+        token,
+        node_name: NODE_NAME.into(),
+        pids: daemons.iter().map(Daemon::pid).collect(),
+        log_files: daemons.iter().map(|d| d.log().to_path_buf()).chain([kubelet_log]).collect(),
+        startup: started.elapsed(),
+    };
+    Ok((Running { daemons, kubelet }, info))
+}
+
+/// Polls `url` until it answers 200, failing early when `daemon` exits.
+async fn poll_until_ok(
+    http: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    daemon: &mut Daemon,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        daemon.ensure_running()?;
+        let mut request = http.get(url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let last = match request.send().await {
+            Ok(response) if response.status().is_success() => return Ok(()),
+            Ok(response) => format!("{}: {}", response.status(), response.text().await.unwrap_or_default()),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() > deadline {
+            bail!("{url} not ready after {STARTUP_TIMEOUT:?} (last: {last}); see {}", daemon.log().display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn kubeconfig_yaml(server: &str, ca_pem: &str, token: &str) -> String {
+    use base64::Engine as _;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster:
+    server: {server}
+    certificate-authority-data: {ca}
+users:
+- name: admin
+  user:
+    token: {token}
+contexts:
+- name: test
+  context:
+    cluster: test
+    user: admin
+    namespace: default
+current-context: test
+"
+    )
+}

@@ -1,0 +1,38 @@
+//! Test support: a real control plane (etcd, kube-apiserver,
+//! kube-controller-manager) with a test kubelet that runs containers as host
+//! processes, a fresh namespace per test, and waiting with deadlines.
+//!
+//! ```ignore
+//! mod support;
+//! use support::{ControlPlane, wait_for};
+//!
+//! #[tokio::test]
+//! async fn something() {
+//!     let cp = ControlPlane::shared();
+//!     let ns = cp.namespace("something").await;
+//!     let pods: Api<Pod> = ns.api();
+//!     // ...
+//! }
+//! ```
+
+mod certs;
+pub mod control_plane;
+pub mod kubelet;
+pub mod namespace;
+pub mod process;
+pub mod wait;
+
+#[allow(unused_imports)]
+pub use control_plane::ControlPlane;
+#[allow(unused_imports)]
+pub use kubelet::FAILING_REGISTRY;
+#[allow(unused_imports)]
+pub use namespace::TestNamespace;
+#[allow(unused_imports)]
+pub use wait::{try_wait_for, wait_for};
+
+/// Builds a typed object from JSON (handy for Kubernetes manifests in tests).
+#[allow(dead_code)]
+pub fn from_json<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
+    serde_json::from_value(value).unwrap_or_else(|e| panic!("invalid object: {e}"))
+}
