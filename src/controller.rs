@@ -269,7 +269,11 @@ impl Reconciler<'_> {
         match self.run.spec.concurrency_policy {
             ConcurrencyPolicy::Forbid => {
                 let message = format!("lock {lock} is held by {other}");
-                self.transition(RunPhase::Rejected, Reason::LockHeld, message, |_| {}).await?;
+                let holder = other.to_string();
+                self.transition(RunPhase::Rejected, Reason::LockHeld, message, |s| {
+                    s.blocked_by = Some(holder)
+                })
+                .await?;
                 return Ok(Action::requeue(Duration::from_millis(10)));
             }
             // Replace cancels the holder it found on arrival, once; then it waits its turn like Queue.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use notebook_operator::api::{self, AppState};
+use notebook_operator::backend::kubernetes::{KubeBackend, KubeConfig, NotebookRef};
 use notebook_operator::backend::local::{LocalBackend, LocalConfig};
 use notebook_operator::controller::{self, ControllerConfig, Readiness};
 use notebook_operator::job::JobConfig;
@@ -33,12 +34,16 @@ enum Command {
     Local(LocalArgs),
     /// The controller: reconciles NotebookRuns into Leases and Jobs; serves /healthz, /readyz, /metrics.
     Controller(ControllerArgs),
+    /// The REST API with the kubernetes backend: each /start creates a NotebookRun.
+    Api(KubeApiArgs),
+    /// Controller and REST API in one process (one shutdown signal; if either half dies, the process exits).
+    All(AllArgs),
     /// Print the NotebookRun CRD as YAML.
     Crd,
 }
 
 #[derive(Args)]
-struct ControllerArgs {
+struct ControllerSettings {
     /// Image for runs that name none (needs python3 with nbclient and ipykernel).
     #[arg(
         long,
@@ -49,18 +54,93 @@ struct ControllerArgs {
     /// The interpreter inside the image.
     #[arg(long, env = "NOTEBOOK_OPERATOR_RUNNER_PYTHON", default_value = "python3")]
     runner_python: String,
-    /// Watch one namespace (default: all namespaces).
-    #[arg(long, env = "NOTEBOOK_OPERATOR_NAMESPACE")]
-    namespace: Option<String>,
-    /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "NOTEBOOK_OPERATOR_CONTROLLER_LISTEN", default_value = "0.0.0.0:8081")]
-    listen: String,
     /// How often a running run's progress is read from its pod log.
     #[arg(long, env = "NOTEBOOK_OPERATOR_PROGRESS_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     progress_interval: std::time::Duration,
     /// How long a cancelled run's pod gets to hand over its partial notebook.
     #[arg(long, env = "NOTEBOOK_OPERATOR_CANCEL_GRACE", default_value = "40s", value_parser = parse_duration)]
     cancel_grace: std::time::Duration,
+}
+
+impl ControllerSettings {
+    fn config(self, namespace: Option<String>) -> ControllerConfig {
+        ControllerConfig {
+            job: JobConfig { default_image: self.default_image, python: self.runner_python },
+            namespace,
+            progress_interval: self.progress_interval,
+            cancel_grace: self.cancel_grace,
+        }
+    }
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    #[command(flatten)]
+    settings: ControllerSettings,
+    /// Watch one namespace (default: all namespaces).
+    #[arg(long, env = "NOTEBOOK_OPERATOR_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_CONTROLLER_LISTEN", default_value = "0.0.0.0:8081")]
+    listen: String,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("notebook").required(true).args(["notebook_configmap", "notebook_path"])))]
+struct KubeApiArgs {
+    /// Namespace of the runs (default: the client's namespace, in a pod its own).
+    #[arg(long, env = "NOTEBOOK_OPERATOR_NAMESPACE")]
+    namespace: Option<String>,
+    /// The notebook every /start runs, from a ConfigMap: NAME or NAME/KEY (key default notebook.ipynb).
+    #[arg(long, env = "NOTEBOOK_OPERATOR_NOTEBOOK_CONFIGMAP")]
+    notebook_configmap: Option<String>,
+    /// The notebook every /start runs, as a path inside the image.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_NOTEBOOK_PATH")]
+    notebook_path: Option<String>,
+    /// Image of the runs (default: the controller's --default-image).
+    #[arg(long, env = "NOTEBOOK_OPERATOR_IMAGE")]
+    image: Option<String>,
+    /// Lock (Lease name) of the runs.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_LOCK", default_value = notebook_operator::crd::DEFAULT_LOCK)]
+    lock: String,
+    /// How long /start waits for the controller to admit or reject a run (then 503).
+    #[arg(long, env = "NOTEBOOK_OPERATOR_ADMIT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    admit_timeout: std::time::Duration,
+    /// How long /kill waits for the run to be Cancelled before answering.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_CANCEL_TIMEOUT", default_value = "45s", value_parser = parse_duration)]
+    cancel_timeout: std::time::Duration,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+impl KubeApiArgs {
+    fn config(&self, client: &kube::Client) -> KubeConfig {
+        let notebook = match (&self.notebook_configmap, &self.notebook_path) {
+            (Some(cm), _) => {
+                let (name, key) =
+                    cm.split_once('/').unwrap_or((cm, notebook_operator::crd::DEFAULT_NOTEBOOK_KEY));
+                NotebookRef::ConfigMap { name: name.into(), key: key.into() }
+            }
+            (None, Some(path)) => NotebookRef::Path(path.clone()),
+            (None, None) => unreachable!("clap requires one notebook source"),
+        };
+        KubeConfig {
+            namespace: self.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string()),
+            notebook,
+            image: self.image.clone(),
+            lock: self.lock.clone(),
+            admit_timeout: self.admit_timeout,
+            cancel_timeout: self.cancel_timeout,
+        }
+    }
+}
+
+#[derive(Args)]
+struct AllArgs {
+    #[command(flatten)]
+    settings: ControllerSettings,
+    #[command(flatten)]
+    api: KubeApiArgs,
 }
 
 #[derive(Args)]
@@ -133,6 +213,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Local(args) => run_local(args).await,
         Command::Controller(args) => run_controller(args).await,
+        Command::Api(args) => run_api(args, None).await,
+        Command::All(args) => run_api(args.api, Some(args.settings)).await,
     }
 }
 
@@ -140,34 +222,80 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let metrics = Metrics::new();
     let readiness = Readiness::default();
-    let config = ControllerConfig {
-        job: JobConfig { default_image: args.default_image, python: args.runner_python },
-        namespace: args.namespace,
-        progress_interval: args.progress_interval,
-        cancel_grace: args.cancel_grace,
-    };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
+    let shutdown = Shutdown::on_signal();
     let ops = controller_ops(metrics.clone(), readiness.clone());
-    let server = axum::serve(listener, ops).with_graceful_shutdown(stopped());
-    let controller = controller::run(client, config, metrics, readiness, stopped());
-    tokio::spawn(async move {
-        telemetry::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
+    let server = axum::serve(listener, ops).with_graceful_shutdown(shutdown.wait());
+    let controller =
+        controller::run(client, args.settings.config(args.namespace), metrics, readiness, shutdown.wait());
     tokio::select! {
         () = controller => info!("controller stopped"),
         res = server => res.context("probe server")?,
     }
     Ok(())
+}
+
+/// `api`, or with controller settings `all`: the REST facade over NotebookRuns.
+async fn run_api(args: KubeApiArgs, controller_settings: Option<ControllerSettings>) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let token = args.api.token()?;
+    let config = args.config(&client);
+    let metrics = Metrics::new();
+    let shutdown = Shutdown::on_signal();
+    let listener = tokio::net::TcpListener::bind(&args.api.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.api.listen))?;
+    let addr = listener.local_addr()?;
+    println!(
+        "notebook-operator (kubernetes backend, namespace {}) listening on http://{addr}  —  API docs: http://{addr}/docs/",
+        config.namespace
+    );
+    let namespace = config.namespace.clone();
+    let backend = KubeBackend::new(client.clone(), config, shutdown.wait());
+    let state = AppState { backend: Arc::new(backend), metrics: metrics.clone(), token };
+    let api = api::serve(listener, state, shutdown.wait());
+    match controller_settings {
+        None => api.await?,
+        Some(settings) => {
+            let controller = controller::run(
+                client,
+                settings.config(Some(namespace)),
+                metrics,
+                Readiness::default(),
+                shutdown.wait(),
+            );
+            // If either half dies, the process exits.
+            tokio::select! {
+                () = controller => anyhow::bail!("the controller stopped"),
+                res = api => res.context("REST API")?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The one shutdown signal (SIGTERM or Ctrl-C), fanned out to every part.
+#[derive(Clone)]
+struct Shutdown(tokio::sync::watch::Receiver<bool>);
+
+impl Shutdown {
+    fn on_signal() -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            telemetry::shutdown_signal().await;
+            let _ = tx.send(true);
+        });
+        Self(rx)
+    }
+
+    fn wait(&self) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
+        let mut rx = self.0.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
 }
 
 /// /healthz, /readyz (run cache synced) and /metrics of the controller.

@@ -5,103 +5,23 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::Read as _;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Once;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use notebook_operator::{NotebookRun, Reason, RunPhase};
 use serde_json::{Value, json};
 
-use support::{ControlPlane, TestNamespace, from_json, process, wait_for};
+use support::operator::{Operator, install_crd};
+use support::{ControlPlane, TestNamespace, from_json, wait_for};
 
-const BIN: &str = env!("CARGO_BIN_EXE_notebook-operator");
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 
 // === harness ===
-
-/// The CRD, installed once per test binary.
-fn install_crd(cp: &ControlPlane) {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let crd = format!("{REPO}/crds/notebookrun.yaml");
-        let out = cp.kubectl().args(["apply", "--server-side", "-f", &crd]).output().expect("kubectl apply");
-        assert!(out.status.success(), "CRD apply: {}", String::from_utf8_lossy(&out.stderr));
-        let out = cp
-            .kubectl()
-            .args(["wait", "--for=condition=Established", "--timeout=60s", "crd/notebookruns.notebooks.dev"])
-            .output()
-            .expect("kubectl wait");
-        assert!(out.status.success(), "CRD established: {}", String::from_utf8_lossy(&out.stderr));
-    });
-}
-
-/// The controller binary, watching one namespace; killed when dropped (or with the test thread).
-struct Operator {
-    child: Option<Child>,
-    log: PathBuf,
-    ns: String,
-    kubeconfig: PathBuf,
-}
-
-impl Operator {
-    fn start(cp: &ControlPlane, ns: &str) -> Self {
-        let log = std::env::temp_dir().join(format!("notebook-operator-controller-{ns}.log"));
-        let mut op = Operator { child: None, log, ns: ns.into(), kubeconfig: cp.kubeconfig().to_path_buf() };
-        op.spawn();
-        op
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("controller log");
-        let mut cmd = Command::new(BIN);
-        cmd.args(["controller", "--listen", "127.0.0.1:0", "--default-image", "quay.io/jupyter/minimal-notebook:test"])
-            .args(["--namespace", &self.ns, "--progress-interval", "300ms", "--cancel-grace", "20s"])
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", "info,notebook_operator=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        process::contain(&mut cmd);
-        self.child = Some(cmd.spawn().expect("spawn the controller"));
-    }
-
-    /// SIGKILL, as a crash would.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            let mut text = String::new();
-            let _ = std::fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut text));
-            let tail: Vec<&str> = text.lines().rev().take(60).collect();
-            eprintln!("--- controller log (last 60 lines) ---");
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
 
 struct Env {
     // Dropped in order: the controller first, then the namespace (which dumps on failure).
@@ -139,7 +59,9 @@ fn run_of(name: &str, cells: &[&str], extra: Value) -> NotebookRun {
     if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
         s.extend(e.clone());
     }
-    from_json(json!({"apiVersion": "notebooks.dev/v1alpha1", "kind": "NotebookRun", "metadata": {"name": name}, "spec": spec}))
+    from_json(
+        json!({"apiVersion": "notebooks.dev/v1alpha1", "kind": "NotebookRun", "metadata": {"name": name}, "spec": spec}),
+    )
 }
 
 impl Env {
@@ -185,7 +107,8 @@ impl Env {
     /// The executed notebook the run kept (its output ConfigMap, gunzipped).
     async fn executed_notebook(&self, run: &NotebookRun) -> Value {
         let name = run.status.as_ref().and_then(|s| s.output.as_ref()).and_then(|o| o.config_map.clone());
-        let name = name.unwrap_or_else(|| panic!("run {} kept no notebook: {:?}", run.name_any(), run.status));
+        let name =
+            name.unwrap_or_else(|| panic!("run {} kept no notebook: {:?}", run.name_any(), run.status));
         let cm = self.ns.api::<ConfigMap>().get(&name).await.expect("output ConfigMap");
         let gz = &cm.binary_data.expect("binaryData")["notebook.ipynb.gz"].0;
         let raw = notebook_operator::progress::gunzip(gz).expect("gzip");
@@ -220,7 +143,12 @@ fn cell_text(nb: &Value, cell: usize) -> String {
 #[tokio::test]
 async fn success_reports_progress_and_keeps_the_notebook() {
     let env = setup("success").await;
-    let cells = ["import time; print('one')", "time.sleep(1.5); print('two')", "time.sleep(1.5); print('three')", "print('four')"];
+    let cells = [
+        "import time; print('one')",
+        "time.sleep(1.5); print('two')",
+        "time.sleep(1.5); print('three')",
+        "print('four')",
+    ];
     env.create(&run_of("ok", &cells, json!({}))).await;
     let seen = std::sync::Mutex::new(BTreeSet::new());
     let done = wait_for(RUN_TIMEOUT, "ok to finish", || {
@@ -243,7 +171,10 @@ async fn success_reports_progress_and_keeps_the_notebook() {
     assert_eq!(status.reason, Some(Reason::Succeeded));
     assert_eq!(status.progress.as_ref().map(|p| (p.percent, p.cells_total)), Some((100, 4)));
     let seen = seen.into_inner().unwrap();
-    assert!(seen.iter().any(|p| *p > 0 && *p < 100), "an intermediate progress was seen while running: {seen:?}");
+    assert!(
+        seen.iter().any(|p| *p > 0 && *p < 100),
+        "an intermediate progress was seen while running: {seen:?}"
+    );
     assert!(status.job_name.is_some() && status.start_time.is_some() && status.completion_time.is_some());
     let cond = &status.conditions[0];
     assert_eq!((cond.type_.as_str(), cond.status.as_str()), ("Succeeded", "True"));
@@ -260,12 +191,24 @@ async fn success_reports_progress_and_keeps_the_notebook() {
     .await;
     assert!(cell_text(&env.executed_notebook(&env.get("ok").await).await, 0).contains("one"));
     let reasons: Vec<String> = env.events_for("ok").await.into_iter().filter_map(|e| e.reason).collect();
-    assert!(reasons.contains(&"Started".to_string()) && reasons.contains(&"Succeeded".to_string()), "{reasons:?}");
+    assert!(
+        reasons.contains(&"Started".to_string()) && reasons.contains(&"Succeeded".to_string()),
+        "{reasons:?}"
+    );
     // kubectl shows the columns.
     let out = ControlPlane::shared().kubectl().args(["get", "nbrun", "-n", &env.ns, "ok"]).output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("PHASE") && table.contains("PROGRESS") && table.contains("LOCK") && table.contains("AGE"), "{table}");
-    assert!(table.contains("Succeeded") && table.contains("4/4") && table.contains("notebook-run"), "{table}");
+    assert!(
+        table.contains("PHASE")
+            && table.contains("PROGRESS")
+            && table.contains("LOCK")
+            && table.contains("AGE"),
+        "{table}"
+    );
+    assert!(
+        table.contains("Succeeded") && table.contains("4/4") && table.contains("notebook-run"),
+        "{table}"
+    );
 }
 
 #[tokio::test]
@@ -274,7 +217,11 @@ async fn a_failing_cell_gives_reason_and_traceback() {
     env.create(&run_of("bad", &["x = 1", "raise ValueError('no good')", "print('never')"], json!({}))).await;
     let run = env.wait_terminal("bad").await;
     let status = run.status.clone().unwrap();
-    assert_eq!((status.phase, status.reason), (Some(RunPhase::Failed), Some(Reason::CellError)), "{status:?}");
+    assert_eq!(
+        (status.phase, status.reason),
+        (Some(RunPhase::Failed), Some(Reason::CellError)),
+        "{status:?}"
+    );
     let error = status.error.clone().expect("error");
     assert_eq!(error.ename.as_deref(), Some("ValueError"));
     assert_eq!(error.evalue.as_deref(), Some("no good"));
@@ -291,7 +238,8 @@ async fn invalid_and_missing_notebooks_fail_without_a_job() {
     let mut bad = run_of("invalid", &[], json!({}));
     bad.spec.notebook.inline = Some("{not json".into());
     env.create(&bad).await;
-    let missing: NotebookRun = from_json(json!({"apiVersion": "notebooks.dev/v1alpha1", "kind": "NotebookRun",
+    let missing: NotebookRun =
+        from_json(json!({"apiVersion": "notebooks.dev/v1alpha1", "kind": "NotebookRun",
         "metadata": {"name": "missing"}, "spec": {"notebook": {"configMap": {"name": "nope"}}}}));
     env.create(&missing).await;
     let run = env.wait_terminal("invalid").await;
@@ -306,20 +254,40 @@ async fn invalid_and_missing_notebooks_fail_without_a_job() {
         "metadata": {"name": "path"}, "spec": {"notebook": {"path": "/etc/hostname"}}}));
     env.create(&path).await;
     let run = env.wait_terminal("path").await;
-    assert_eq!((phase_of(&run), reason_of(&run)), (Some(RunPhase::Failed), Some(Reason::InvalidNotebook)), "{:?}", run.status);
+    assert_eq!(
+        (phase_of(&run), reason_of(&run)),
+        (Some(RunPhase::Failed), Some(Reason::InvalidNotebook)),
+        "{:?}",
+        run.status
+    );
 }
 
 #[tokio::test]
 async fn cell_and_run_timeouts() {
     let env = setup("timeouts").await;
-    let cell = run_of("cell", &["import time; time.sleep(60)"], json!({"timeouts": {"cell": "2s"}, "lock": "cell"}));
-    let whole = run_of("whole", &["import time; time.sleep(120)"], json!({"timeouts": {"run": "4s"}, "lock": "whole"}));
+    let cell =
+        run_of("cell", &["import time; time.sleep(60)"], json!({"timeouts": {"cell": "2s"}, "lock": "cell"}));
+    let whole = run_of(
+        "whole",
+        &["import time; time.sleep(120)"],
+        json!({"timeouts": {"run": "4s"}, "lock": "whole"}),
+    );
     env.create(&cell).await;
     env.create(&whole).await;
     let run = env.wait_terminal("cell").await;
-    assert_eq!((phase_of(&run), reason_of(&run)), (Some(RunPhase::Failed), Some(Reason::CellTimeout)), "{:?}", run.status);
+    assert_eq!(
+        (phase_of(&run), reason_of(&run)),
+        (Some(RunPhase::Failed), Some(Reason::CellTimeout)),
+        "{:?}",
+        run.status
+    );
     let run = env.wait_terminal("whole").await;
-    assert_eq!((phase_of(&run), reason_of(&run)), (Some(RunPhase::Failed), Some(Reason::DeadlineExceeded)), "{:?}", run.status);
+    assert_eq!(
+        (phase_of(&run), reason_of(&run)),
+        (Some(RunPhase::Failed), Some(Reason::DeadlineExceeded)),
+        "{:?}",
+        run.status
+    );
     env.wait_lock_free("cell").await;
     env.wait_lock_free("whole").await;
 }
@@ -330,7 +298,12 @@ async fn an_image_that_cannot_be_pulled_times_out_the_start() {
     let image = format!("{}/nope:1", support::FAILING_REGISTRY);
     env.create(&run_of("pull", &["print(1)"], json!({"image": image, "timeouts": {"start": "3s"}}))).await;
     let run = env.wait_terminal("pull").await;
-    assert_eq!((phase_of(&run), reason_of(&run)), (Some(RunPhase::Failed), Some(Reason::StartTimeout)), "{:?}", run.status);
+    assert_eq!(
+        (phase_of(&run), reason_of(&run)),
+        (Some(RunPhase::Failed), Some(Reason::StartTimeout)),
+        "{:?}",
+        run.status
+    );
     let message = run.status.unwrap().message.unwrap();
     assert!(message.contains("ImagePullBackOff") || message.contains("ErrImagePull"), "{message}");
     env.wait_lock_free("notebook-run").await;
@@ -339,9 +312,19 @@ async fn an_image_that_cannot_be_pulled_times_out_the_start() {
 #[tokio::test]
 async fn a_killed_kernel_is_kernel_died() {
     let env = setup("kernel").await;
-    env.create(&run_of("dies", &["print('before')", "import os; os.kill(os.getpid(), 9)", "print('after')"], json!({}))).await;
+    env.create(&run_of(
+        "dies",
+        &["print('before')", "import os; os.kill(os.getpid(), 9)", "print('after')"],
+        json!({}),
+    ))
+    .await;
     let run = env.wait_terminal("dies").await;
-    assert_eq!((phase_of(&run), reason_of(&run)), (Some(RunPhase::Failed), Some(Reason::KernelDied)), "{:?}", run.status);
+    assert_eq!(
+        (phase_of(&run), reason_of(&run)),
+        (Some(RunPhase::Failed), Some(Reason::KernelDied)),
+        "{:?}",
+        run.status
+    );
 }
 
 #[tokio::test]
@@ -361,7 +344,8 @@ async fn parameters_are_injected_into_the_executed_notebook() {
 #[tokio::test]
 async fn cancel_stops_the_run_and_keeps_the_partial_notebook() {
     let env = setup("cancel").await;
-    env.create(&run_of("long", &["print('started', flush=True)", "import time; time.sleep(600)"], json!({}))).await;
+    env.create(&run_of("long", &["print('started', flush=True)", "import time; time.sleep(600)"], json!({})))
+        .await;
     env.wait_until("long", "the second cell running", |r| {
         r.status.as_ref().and_then(|s| s.progress.as_ref()).is_some_and(|p| p.cells_completed >= 1)
     })
@@ -369,7 +353,12 @@ async fn cancel_stops_the_run_and_keeps_the_partial_notebook() {
     let patch = json!({"spec": {"cancel": true}});
     env.runs.patch("long", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let run = env.wait_terminal("long").await;
-    assert_eq!((phase_of(&run), reason_of(&run)), (Some(RunPhase::Cancelled), Some(Reason::Cancelled)), "{:?}", run.status);
+    assert_eq!(
+        (phase_of(&run), reason_of(&run)),
+        (Some(RunPhase::Cancelled), Some(Reason::Cancelled)),
+        "{:?}",
+        run.status
+    );
     // The runner handled SIGTERM: it handed over the partial notebook, marked as cancelled.
     let nb = env.executed_notebook(&run).await;
     assert!(cell_text(&nb, 0).contains("started"), "partial notebook kept: {nb}");
@@ -399,7 +388,8 @@ async fn queue_forbid_and_replace() {
     let run = env.wait_phase("queued", RunPhase::Queued).await;
     assert_eq!(run.status.unwrap().blocked_by.as_deref(), Some("holder"));
 
-    env.create(&run_of("replacer", &["print('replacer ran')"], json!({"concurrencyPolicy": "Replace"}))).await;
+    env.create(&run_of("replacer", &["print('replacer ran')"], json!({"concurrencyPolicy": "Replace"})))
+        .await;
     let holder = env.wait_terminal("holder").await;
     assert_eq!((phase_of(&holder), reason_of(&holder)), (Some(RunPhase::Cancelled), Some(Reason::Replaced)));
     // Queue is FIFO: "queued" came first, then the replacer.
@@ -424,7 +414,13 @@ async fn twenty_runs_on_one_lock_run_one_at_a_time_in_order() {
     for n in &names {
         let run = wait_for(Duration::from_secs(300), format!("{n} to finish"), || {
             let runs = env.runs.clone();
-            async move { runs.get_opt(n).await.ok().flatten().filter(|r| phase_of(r).is_some_and(RunPhase::is_terminal)) }
+            async move {
+                runs.get_opt(n)
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|r| phase_of(r).is_some_and(RunPhase::is_terminal))
+            }
         })
         .await;
         assert_eq!(phase_of(&run), Some(RunPhase::Succeeded), "{n}: {:?}", run.status);
@@ -480,13 +476,19 @@ async fn a_lease_deleted_by_hand_is_restored_and_admits_no_one_else() {
     })
     .await;
     assert_eq!(restored.spec.unwrap().holder_identity.as_deref(), Some("holder"));
-    assert_eq!(phase_of(&env.get("waiter").await), Some(RunPhase::Queued), "no second run admitted meanwhile");
+    assert_eq!(
+        phase_of(&env.get("waiter").await),
+        Some(RunPhase::Queued),
+        "no second run admitted meanwhile"
+    );
     let reasons: Vec<String> = env.events_for("holder").await.into_iter().filter_map(|e| e.reason).collect();
     assert!(reasons.contains(&"LockRecovered".to_string()), "{reasons:?}");
     let holder = env.wait_terminal("holder").await;
     let waiter = env.wait_terminal("waiter").await;
     assert_eq!(phase_of(&waiter), Some(RunPhase::Succeeded));
-    assert!(holder.status.unwrap().completion_time.unwrap().0 <= waiter.status.unwrap().start_time.unwrap().0);
+    assert!(
+        holder.status.unwrap().completion_time.unwrap().0 <= waiter.status.unwrap().start_time.unwrap().0
+    );
 }
 
 #[tokio::test]
@@ -516,7 +518,8 @@ async fn ttl_deletes_the_run_and_its_children() {
         let jobs = env.ns.api::<Job>();
         async move {
             let lp = ListParams::default().labels("notebooks.dev/run=short-lived");
-            cms.list(&lp).await.is_ok_and(|l| l.items.is_empty()) && jobs.list(&lp).await.is_ok_and(|l| l.items.is_empty())
+            cms.list(&lp).await.is_ok_and(|l| l.items.is_empty())
+                && jobs.list(&lp).await.is_ok_and(|l| l.items.is_empty())
         }
     })
     .await;
@@ -534,9 +537,11 @@ async fn the_api_server_refuses_invalid_runs() {
     assert!(err.to_string().contains("lock"), "{err}");
     let ok = env.create(&run_of("immutable", &["print(1)"], json!({"cancel": true}))).await;
     let patch = json!({"spec": {"cancel": false}});
-    let err = env.runs.patch(&ok.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap_err();
+    let err =
+        env.runs.patch(&ok.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap_err();
     assert!(err.to_string().contains("cancel cannot go back"), "{err}");
     let patch = json!({"spec": {"image": "other:1"}});
-    let err = env.runs.patch(&ok.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap_err();
+    let err =
+        env.runs.patch(&ok.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap_err();
     assert!(err.to_string().contains("immutable"), "{err}");
 }

@@ -301,7 +301,7 @@ impl Backend for Arc<LocalBackend> {
         }
         let now = Timestamp::now();
         let mut run = RunInfo {
-            id: new_run_id(),
+            id: super::new_run_id(),
             phase: RunPhase::Running,
             reason: Some(Reason::Started),
             message: Some(format!("running {}", self.config.notebook.display())),
@@ -530,27 +530,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// A random UUID v4, as Celery task ids were.
-fn new_run_id() -> String {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
-
-    #[test]
-    fn run_ids_are_uuid_v4() {
-        let id = new_run_id();
-        assert_eq!(id.len(), 36);
-        assert_eq!(&id[14..15], "4");
-        assert_ne!(id, new_run_id());
-    }
 
     #[test]
     fn outcome_prefers_the_termination_message() {

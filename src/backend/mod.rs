@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::crd::{Progress, Reason, RunError, RunPhase};
 
+pub mod kubernetes;
 pub mod local;
 
 /// A run as the API shows it, whichever backend holds it.
@@ -110,4 +111,27 @@ pub fn paginate(mut runs: Vec<RunInfo>, limit: usize, continue_token: Option<&st
         None
     };
     RunPage { items, continue_token }
+}
+
+/// A random UUID v4, as Celery task ids were.
+pub(crate) fn new_run_id() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_are_uuid_v4_and_dns_names() {
+        let id = new_run_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit() || c == '-'));
+        assert_ne!(id, new_run_id());
+    }
 }

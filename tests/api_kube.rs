@@ -1,0 +1,219 @@
+//! The REST API on the kubernetes backend, on the real control plane: `/start` creates a
+//! NotebookRun the controller admits, reads come from the cache, `/kill` sets `cancel`.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use notebook_operator::NotebookRun;
+use serde_json::{Value, json};
+
+use support::operator::{BIN, Operator, install_crd};
+use support::{ControlPlane, TestNamespace, from_json, process, wait_for};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn ipynb(cells: &[&str]) -> String {
+    let cells: Vec<Value> = cells
+        .iter()
+        .enumerate()
+        .map(|(i, src)| {
+            json!({"cell_type": "code", "id": format!("c{i}"), "metadata": {}, "execution_count": null,
+                   "outputs": [], "source": src})
+        })
+        .collect();
+    json!({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+           "nbformat": 4, "nbformat_minor": 5})
+    .to_string()
+}
+
+/// `notebook-operator api` for one namespace, on the notebook in ConfigMap `nb`.
+struct ApiServer {
+    child: Child,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_api(cp: &ControlPlane, ns: &str, admit_timeout: &str) -> ApiServer {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["api", "--listen", "127.0.0.1:0", "--namespace", ns, "--notebook-configmap", "nb"])
+        .args(["--image", "quay.io/jupyter/minimal-notebook:test", "--admit-timeout", admit_timeout])
+        .env("KUBECONFIG", cp.kubeconfig())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    process::contain(&mut cmd);
+    let mut child = cmd.spawn().expect("spawn notebook-operator api");
+    let stdout = child.stdout.take().expect("stdout");
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    })
+    .await
+    .unwrap()
+    .expect("read the first line");
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("URL in the first line")
+        .to_string();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+    let server = ApiServer { child, url, http };
+    wait_for(RUN_TIMEOUT, "the API ready", || async {
+        server.http.get(format!("{}/readyz", server.url)).send().await.is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    server
+}
+
+impl ApiServer {
+    async fn call(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
+        let resp = self.http.request(method, format!("{}{path}", self.url)).send().await.expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn text(&self, path: &str) -> (u16, String) {
+        let resp = self.http.get(format!("{}{path}", self.url)).send().await.expect("GET");
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
+    async fn wait_status(&self, id: &str, status: &str) -> Value {
+        wait_for(RUN_TIMEOUT, format!("{id} to be {status}"), || async {
+            let (_, run) = self.call(reqwest::Method::GET, &format!("/progress?task_id={id}")).await;
+            (run["status"] == status).then_some(run)
+        })
+        .await
+    }
+}
+
+struct Env {
+    _op: Option<Operator>,
+    ns: TestNamespace,
+    api: ApiServer,
+}
+
+async fn setup(prefix: &str, cells: &[&str], with_controller: bool) -> Env {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.namespace(prefix).await;
+    let cm: ConfigMap =
+        from_json(json!({"metadata": {"name": "nb"}, "data": {"notebook.ipynb": ipynb(cells)}}));
+    ns.api::<ConfigMap>().create(&PostParams::default(), &cm).await.unwrap();
+    let op = with_controller.then(|| Operator::start(cp, &ns));
+    let api = start_api(cp, &ns, if with_controller { "20s" } else { "3s" }).await;
+    Env { _op: op, ns, api }
+}
+
+async fn runs(ns: &TestNamespace) -> Vec<NotebookRun> {
+    ns.api::<NotebookRun>().list(&ListParams::default()).await.unwrap().items
+}
+
+#[tokio::test]
+async fn the_seed_flow_runs_a_notebook_run() {
+    let cells = ["print('first', flush=True)", "import time; time.sleep(3)", "print('last')"];
+    let env = setup("apiseed", &cells, true).await;
+    use reqwest::Method;
+    assert_eq!(env.api.call(Method::GET, "/progress").await, (400, json!({"detail": "The task never ran."})));
+    let (code, started) = env.api.call(Method::POST, "/start").await;
+    assert_eq!(code, 200, "{started}");
+    assert_eq!(started["status"], "STARTED");
+    let id = started["id"].as_str().unwrap().to_string();
+    let run = env.ns.api::<NotebookRun>().get(&id).await.expect("the run is a NotebookRun");
+    assert_eq!(run.spec.concurrency_policy, notebook_operator::crd::ConcurrencyPolicy::Forbid);
+
+    // follow=true streams what the notebook prints before the run ends.
+    let resp = env.api.http.get(format!("{}/output?follow=true", env.api.url)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("first") {
+        let chunk = tokio::time::timeout(RUN_TIMEOUT, stream.next()).await.expect("a chunk in time");
+        seen.push_str(&String::from_utf8_lossy(&chunk.expect("stream open").unwrap()));
+    }
+    let (_, now) = env.api.call(Method::GET, &format!("/progress?task_id={id}")).await;
+    assert_eq!(now["status"], "STARTED", "the first line arrived while the run was going");
+    assert!(!seen.contains("##notebook-operator"), "protocol lines are not shown: {seen}");
+
+    let done = env.api.wait_status(&id, "SUCCESS").await;
+    assert!(done["date"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(env.api.text("/output").await, (200, format!("✅ Task {id} finished with success.\n")));
+    // full=true still works after the pods are gone.
+    let pods: Api<Pod> = env.ns.api();
+    pods.delete_collection(&DeleteParams::default().grace_period(0), &ListParams::default()).await.unwrap();
+    wait_for(RUN_TIMEOUT, "pods gone", || async {
+        pods.list(&ListParams::default()).await.is_ok_and(|l| l.items.is_empty())
+    })
+    .await;
+    let (code, full) = env.api.text("/output?full=true").await;
+    assert_eq!(code, 200);
+    let nb: Value = serde_json::from_str(&full).expect("ipynb");
+    assert!(nb["cells"][2]["outputs"].to_string().contains("last"));
+    let (code, page) = env.api.call(Method::GET, "/runs").await;
+    assert_eq!((code, page["items"][0]["id"].as_str()), (200, Some(id.as_str())));
+}
+
+#[tokio::test]
+async fn twenty_simultaneous_starts_admit_exactly_one_run() {
+    let env = setup("apiconcurrent", &["import time; time.sleep(5)"], true).await;
+    let calls = (0..20).map(|_| env.api.call(reqwest::Method::POST, "/start"));
+    let answers = futures::future::join_all(calls).await;
+    let ok: Vec<&Value> = answers.iter().filter(|(c, _)| (200..300).contains(c)).map(|(_, b)| b).collect();
+    assert_eq!(ok.len(), 1, "exactly one 2xx: {answers:?}");
+    let id = ok[0]["id"].as_str().unwrap();
+    for (code, body) in answers.iter().filter(|(c, _)| *c != 200) {
+        assert_eq!(*code, 400, "{body}");
+        assert!(body["detail"].as_str().unwrap().starts_with("Another run is already running: "), "{body}");
+    }
+    // Refused starts leave no record: exactly one NotebookRun, the admitted one.
+    wait_for(RUN_TIMEOUT, "rejected runs removed", || async {
+        let all = runs(&env.ns).await;
+        (all.len() == 1 && all[0].metadata.name.as_deref() == Some(id)).then_some(())
+    })
+    .await;
+    env.api.wait_status(id, "SUCCESS").await;
+}
+
+#[tokio::test]
+async fn kill_cancels_the_run() {
+    let env = setup("apikill", &["print('up', flush=True)", "import time; time.sleep(600)"], true).await;
+    let (code, started) = env.api.call(reqwest::Method::GET, "/start").await;
+    assert_eq!(code, 200, "{started}");
+    let id = started["id"].as_str().unwrap().to_string();
+    wait_for(RUN_TIMEOUT, "the first cell done", || async {
+        let (_, run) = env.api.call(reqwest::Method::GET, "/progress").await;
+        run["progress"]["cellsCompleted"].as_u64().is_some_and(|n| n >= 1)
+    })
+    .await;
+    let (code, killed) = env.api.call(reqwest::Method::POST, "/kill").await;
+    assert_eq!(code, 200);
+    assert_eq!(killed["status"], "REVOKED", "{killed}");
+    let run = env.ns.api::<NotebookRun>().get(&id).await.unwrap();
+    assert!(run.spec.cancel);
+    let (code, full) = env.api.text("/output?full=true").await;
+    assert_eq!(code, 200);
+    assert!(full.contains("up"), "the partial notebook is kept");
+    let (code, again) = env.api.call(reqwest::Method::POST, "/kill").await;
+    assert_eq!((code, again["status"].as_str()), (200, Some("REVOKED")), "kill is idempotent");
+}
+
+#[tokio::test]
+async fn without_a_controller_start_answers_503_and_leaves_nothing() {
+    let env = setup("apinocontroller", &["print(1)"], false).await;
+    let (code, body) = env.api.call(reqwest::Method::POST, "/start").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("no controller"), "{body}");
+    wait_for(RUN_TIMEOUT, "the orphan run removed", || async { runs(&env.ns).await.is_empty() }).await;
+}
