@@ -60,7 +60,7 @@ test-e2e: $(VENV_STAMP)
 	KUBEBUILDER_ASSETS="$(CONTROL_PLANE)" $(CARGO) test --locked --tests
 
 bench: $(VENV_STAMP)
-	scripts/bench-local.sh
+	$(VENV)/bin/python scripts/bench_local.py
 
 test: $(VENV_STAMP)
 	$(CARGO) fmt --check
