@@ -13,7 +13,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use notebook_operator::NotebookRun;
 use serde_json::{Value, json};
 
-use support::operator::{BIN, Operator, install_crd};
+use support::operator::{Operator, binary, install_crd};
 use support::{ControlPlane, TestNamespace, from_json, process, wait_for};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
@@ -47,7 +47,7 @@ impl Drop for ApiServer {
 }
 
 async fn start_api(cp: &ControlPlane, ns: &str, admit_timeout: &str) -> ApiServer {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(binary());
     cmd.args(["api", "--listen", "127.0.0.1:0", "--namespace", ns, "--notebook-configmap", "nb"])
         .args(["--image", "quay.io/jupyter/minimal-notebook:test", "--admit-timeout", admit_timeout])
         .env("KUBECONFIG", cp.kubeconfig())

@@ -16,6 +16,8 @@ use support::process;
 use support::{ControlPlane, from_json, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// `$$$$` is the shell's `$$`: Kubernetes expands `$$` in commands to `$`.
+const WRITE_PID_AND_SLEEP: &str = "echo $$$$ > \"$PID_DIR/pid\"; exec sleep 300";
 
 fn job_is(job: &Job, condition: &str) -> bool {
     job.status
@@ -310,11 +312,7 @@ async fn deleting_a_job_removes_its_pod_and_ends_its_process() {
     let pid_dir = tempfile::tempdir().expect("pid dir");
     jobs.create(
         &PostParams::default(),
-        &shell_job(
-            "sleeper",
-            "echo $$ > \"$PID_DIR/pid\"; exec sleep 300",
-            json!([{ "name": "PID_DIR", "value": pid_dir.path() }]),
-        ),
+        &shell_job("sleeper", WRITE_PID_AND_SLEEP, json!([{ "name": "PID_DIR", "value": pid_dir.path() }])),
     )
     .await
     .expect("create job");
@@ -409,7 +407,7 @@ async fn a_dropped_control_plane_leaves_no_process_behind() {
             "containers": [{
                 "name": "main",
                 "image": "busybox:1",
-                "command": ["/bin/sh", "-c", "echo $$ > \"$PID_DIR/pid\"; exec sleep 300"],
+                "command": ["/bin/sh", "-c", WRITE_PID_AND_SLEEP],
                 "env": [{ "name": "PID_DIR", "value": pid_dir.path() }],
             }],
         },
@@ -424,5 +422,5 @@ async fn a_dropped_control_plane_leaves_no_process_behind() {
     assert!(alive.is_empty(), "still running after drop: {alive:?}");
     let stragglers = process::pids_with_cmdline_containing(&dir.display().to_string());
     assert!(stragglers.is_empty(), "processes using {}: {stragglers:?}", dir.display());
-    assert!(!dir.exists(), "{} should be removed", dir.display());
+    assert!(process::dirs_kept() || !dir.exists(), "{} should be removed", dir.display());
 }

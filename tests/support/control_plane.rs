@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 use std::{env, fs};
@@ -84,6 +84,7 @@ impl ControlPlane {
     }
 
     /// Starts a control plane owned by the caller; panics when it cannot.
+    #[allow(dead_code)] // most test binaries use the shared one
     pub fn start() -> ControlPlane {
         Self::try_start().unwrap_or_else(|e| panic!("cannot start the control plane: {e:#}"))
     }
@@ -292,8 +293,10 @@ impl Running {
 /// The folder with the binaries: `KUBEBUILDER_ASSETS`, else what
 /// `tests/control-plane/build.sh` prints last (it reuses its cache).
 fn assets_dir() -> anyhow::Result<PathBuf> {
-    static ASSETS: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(dir) = ASSETS.get() {
+    // Held while looking, so concurrent tests run build.sh once.
+    static ASSETS: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut assets = ASSETS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(dir) = assets.as_ref() {
         return Ok(dir.clone());
     }
     let dir = match env::var("KUBEBUILDER_ASSETS") {
@@ -322,7 +325,8 @@ fn assets_dir() -> anyhow::Result<PathBuf> {
             bail!("{} has no {binary}", dir.display());
         }
     }
-    Ok(ASSETS.get_or_init(|| dir).clone())
+    *assets = Some(dir.clone());
+    Ok(dir)
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -19,6 +19,8 @@ mod certs;
 pub mod control_plane;
 pub mod kubelet;
 pub mod namespace;
+// Test binaries only: it needs `CARGO_BIN_EXE_*`, which examples do not get.
+#[cfg(test)]
 #[allow(dead_code)] // used by the operator's test binaries, not by control_plane
 pub mod operator;
 pub mod process;

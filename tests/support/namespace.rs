@@ -13,6 +13,8 @@ use serde::de::DeserializeOwned;
 
 use super::process;
 
+const DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A namespace created for one test. Derefs to its name.
 ///
 /// When dropped while the test panics, it prints a dump of the namespace
@@ -29,6 +31,7 @@ impl TestNamespace {
         Self { name, config, log_files }
     }
 
+    #[allow(dead_code)] // most tests use the `Deref` to `str`
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -84,10 +87,14 @@ impl Drop for TestNamespace {
                 .build()
                 .expect("runtime for the namespace dump");
             runtime.block_on(async move {
-                match Client::try_from(config) {
-                    Ok(client) => dump(&client, &name, &logs).await,
-                    Err(e) => format!("cannot dump namespace {name}: {e}"),
-                }
+                let client = match Client::try_from(config) {
+                    Ok(client) => client,
+                    Err(e) => return format!("cannot dump namespace {name}: {e}"),
+                };
+                // The control plane may be what broke: do not hang the failing test.
+                tokio::time::timeout(DUMP_TIMEOUT, dump(&client, &name, &logs))
+                    .await
+                    .unwrap_or_else(|_| format!("dump of namespace {name} timed out; logs: {logs:?}"))
             })
         })
         .join();

@@ -9,7 +9,10 @@ use std::sync::Once;
 use super::ControlPlane;
 use super::process;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_notebook-operator");
+/// The operator binary cargo built for this test binary (examples that share this module have none).
+pub fn binary() -> &'static str {
+    option_env!("CARGO_BIN_EXE_notebook-operator").expect("only integration tests run the operator binary")
+}
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
 /// The CRD, installed once per test binary.
@@ -47,7 +50,7 @@ impl Operator {
     fn spawn(&mut self) {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("controller log");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(binary());
         cmd.args([
             "controller",
             "--listen",

@@ -20,6 +20,7 @@ use anyhow::{Context, bail};
 static GROUPS: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
 static DIRS_TO_REMOVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static KEEP_DIRS: AtomicBool = AtomicBool::new(false);
+static EXITING: AtomicBool = AtomicBool::new(false);
 static AT_EXIT: Once = Once::new();
 
 /// Makes `cmd` start a new process group and die with the spawning thread.
@@ -43,6 +44,10 @@ pub fn track_group(pgid: i32) {
         unsafe { libc::atexit(kill_everything_at_exit) };
     });
     GROUPS.lock().unwrap_or_else(|e| e.into_inner()).insert(pgid);
+    // Spawned by a thread that raced with the exit hook.
+    if EXITING.load(Ordering::SeqCst) {
+        signal_group(pgid, libc::SIGKILL);
+    }
 }
 
 /// Forgets a process group once its leader has been reaped.
@@ -72,10 +77,22 @@ pub fn dirs_kept() -> bool {
 }
 
 extern "C" fn kill_everything_at_exit() {
+    EXITING.store(true, Ordering::SeqCst);
     // try_lock: another thread may hold the lock while the process exits.
     if let Ok(groups) = GROUPS.try_lock() {
         for pgid in groups.iter() {
             signal_group(*pgid, libc::SIGKILL);
+        }
+        // Reap the leaders (our children), so no zombie outlives the process.
+        for pgid in groups.iter() {
+            for _ in 0..100 {
+                // SAFETY: waitpid on our own child; no status is read.
+                let reaped = unsafe { libc::waitpid(*pgid, std::ptr::null_mut(), libc::WNOHANG) };
+                if reaped != 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
     if let Ok(dirs) = DIRS_TO_REMOVE.try_lock() {
@@ -160,6 +177,7 @@ pub fn tail(path: &Path, lines: usize) -> String {
 }
 
 /// Whether a process with this pid exists and is not a zombie.
+#[allow(dead_code)] // for leak checks in some test binaries
 pub fn is_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
@@ -171,6 +189,7 @@ pub fn is_alive(pid: u32) -> bool {
 }
 
 /// Pids of live processes whose command line contains `needle`.
+#[allow(dead_code)] // for leak checks in some test binaries
 pub fn pids_with_cmdline_containing(needle: &str) -> Vec<u32> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();

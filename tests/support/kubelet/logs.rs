@@ -200,10 +200,8 @@ impl Entry {
 
     fn render(&self, timestamps: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.text.len() + 40);
-        if timestamps {
-            if let Some(time) = self.time {
-                out.extend_from_slice(format!("{time} ").as_bytes());
-            }
+        if let Some(time) = self.time.filter(|_| timestamps) {
+            out.extend_from_slice(format!("{time} ").as_bytes());
         }
         out.extend_from_slice(&self.text);
         if self.complete {

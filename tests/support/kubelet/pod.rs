@@ -192,6 +192,10 @@ impl PodWorker {
             self.deletion_seen = true;
             return self.finish().await;
         }
+        for record in self.init.iter().chain(&self.main) {
+            let reason = record.state.waiting.as_ref().and_then(|w| w.reason.as_deref()).unwrap_or_default();
+            self.state.logs.set_waiting(&self.namespace, &self.name, &record.spec.name, reason);
+        }
         self.report().await;
 
         if let Some(i) =
@@ -388,6 +392,8 @@ impl PodWorker {
                 }
                 record.state = waiting("CreateContainerConfigError", Some(message.clone()));
                 record.start_at = Some(Instant::now() + RETRY);
+                let logs = &self.state.logs;
+                logs.set_waiting(&self.namespace, &self.name, &spec.name, "CreateContainerConfigError");
                 self.log(format!("container {}: {message}", spec.name));
                 self.event("Warning", "Failed", &format!("Error: {message}")).await;
                 return Started::ConfigError;
@@ -784,9 +790,17 @@ impl PodWorker {
 
     async fn report(&mut self) {
         self.update_conditions();
+        let mut status = serde_json::to_value(self.status()).unwrap_or_default();
+        // Explicit nulls, so the merge patch clears a condition's stale reason and message.
+        let conditions = status["conditions"].as_array_mut().into_iter().flatten();
+        for condition in conditions.filter_map(|c| c.as_object_mut()) {
+            for key in ["reason", "message"] {
+                condition.entry(key).or_insert(serde_json::Value::Null);
+            }
+        }
         let patch = json!({
             "metadata": { "uid": self.uid },
-            "status": self.status(),
+            "status": status,
         });
         match self.api.patch_status(&self.name, &PatchParams::default(), &Patch::Strategic(patch)).await {
             Ok(_) => {}

@@ -292,10 +292,11 @@ impl Volumes {
             create_mount_point(&mount.source, &mount.target)?;
             // A mount inside an earlier one needs its mount point in that volume.
             for outer in &mounts[..i] {
-                if let Ok(rest) = mount.target.strip_prefix(&outer.target) {
-                    if outer.source.is_dir() && !rest.as_os_str().is_empty() {
-                        create_mount_point(&mount.source, &outer.source.join(rest))?;
-                    }
+                if let Ok(rest) = mount.target.strip_prefix(&outer.target)
+                    && outer.source.is_dir()
+                    && !rest.as_os_str().is_empty()
+                {
+                    create_mount_point(&mount.source, &outer.source.join(rest))?;
                 }
             }
         }
