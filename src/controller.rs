@@ -35,6 +35,8 @@ const REPLACED_BY: &str = "notebooks.dev/replaced-by";
 /// Largest gzip'd notebook kept in the output ConfigMap (ConfigMaps hold at most 1 MiB).
 const MAX_OUTPUT_GZ: usize = 900 * 1024;
 const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(600);
+/// Log lines searched for the trailer: stderr (the failure's traceback) may land after it.
+const TRAILER_TAIL_LINES: i64 = 500;
 
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
@@ -494,8 +496,10 @@ impl Reconciler<'_> {
             }
         }
         if progress != status.progress || status.pod_name.as_deref() != Some(pod_name.as_str()) {
-            let patch = json!({"status": {"progress": progress, "podName": pod_name}});
-            self.patch_status(&patch).await?;
+            let mut status = status;
+            status.progress = progress;
+            status.pod_name = Some(pod_name);
+            self.apply_status(&status).await?;
         }
         Ok(())
     }
@@ -548,7 +552,7 @@ impl Reconciler<'_> {
             let pods: Api<Pod> = self.api();
             let lp = LogParams {
                 container: Some(job::CONTAINER.into()),
-                tail_lines: Some(5),
+                tail_lines: Some(TRAILER_TAIL_LINES),
                 ..Default::default()
             };
             if let Ok(log) = pods.logs(&pod.name_any(), &lp).await
@@ -648,7 +652,7 @@ impl Reconciler<'_> {
             now,
         );
         edit(&mut status);
-        self.patch_status(&json!({"status": status})).await?;
+        self.apply_status(&status).await?;
         let kind = if matches!(phase, RunPhase::Failed | RunPhase::Rejected) {
             EventType::Warning
         } else {
@@ -666,9 +670,17 @@ impl Reconciler<'_> {
         Ok(())
     }
 
-    async fn patch_status(&self, patch: &serde_json::Value) -> Result<()> {
+    /// Server-side apply of the whole status: fields this manager no longer sets are removed.
+    async fn apply_status(&self, status: &NotebookRunStatus) -> Result<()> {
         let runs: Api<NotebookRun> = self.api();
-        runs.patch_status(&self.run.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+        let patch = json!({
+            "apiVersion": "notebooks.dev/v1alpha1",
+            "kind": "NotebookRun",
+            "metadata": {"name": self.run.name_any()},
+            "status": status,
+        });
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        runs.patch_status(&self.run.name_any(), &pp, &Patch::Apply(&patch)).await?;
         Ok(())
     }
 

@@ -169,7 +169,11 @@ async fn success_reports_progress_and_keeps_the_notebook() {
     let status = done.status.clone().unwrap();
     assert_eq!(status.phase, Some(RunPhase::Succeeded), "{status:?}");
     assert_eq!(status.reason, Some(Reason::Succeeded));
-    assert_eq!(status.progress.as_ref().map(|p| (p.percent, p.cells_total)), Some((100, 4)));
+    assert_eq!(
+        status.progress.as_ref().map(|p| (p.percent, p.cells_total, p.current_cell)),
+        Some((100, 4, None))
+    );
+    assert_eq!(status.blocked_by, None);
     let seen = seen.into_inner().unwrap();
     assert!(
         seen.iter().any(|p| *p > 0 && *p < 100),
