@@ -13,14 +13,19 @@ CARGO ?= cargo
 # Test binaries share one control plane each; the cache folder is built once per version set.
 CONTROL_PLANE = $(shell tests/control-plane/build.sh | tail -n 1)
 
-.PHONY: help run test test-unit test-runner test-local test-e2e control-plane dev-cluster crds fmt lint venv build bench
+IMAGE ?= notebook-operator:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+
+.PHONY: help run test test-packaging manifests image test-unit test-runner test-local test-e2e control-plane dev-cluster crds fmt lint venv build bench
 
 help:
 	@echo "make run            serve the local backend on $(NOTEBOOK) (http://$(LISTEN)/docs/)"
 	@echo "make test           every test: unit, runner, local API, end-to-end on a real control plane"
 	@echo "make control-plane  build (once) kube-apiserver, kube-controller-manager, kubectl, etcd, helm"
 	@echo "make dev-cluster    control plane + test kubelet in the foreground, kubeconfig in .dev-cluster/"
-	@echo "make crds           regenerate crds/notebookrun.yaml"
+	@echo "make crds           regenerate crds/notebookrun.yaml (and the chart's copy, and deploy/)"
+	@echo "make manifests      regenerate deploy/ from charts/notebook-operator"
+	@echo "make image          build the operator image (deploy/Dockerfile; needs a Docker engine)"
+	@echo "make bench          /start -> SUCCESS timings on the local backend"
 
 $(VENV_STAMP): src/runner/requirements.txt tests/runner/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +42,17 @@ run: $(VENV_STAMP)
 
 crds:
 	$(CARGO) run --locked --quiet -- crd > crds/notebookrun.yaml
+	cp crds/notebookrun.yaml charts/notebook-operator/crds/notebookrun.yaml
+	HELM="$(CONTROL_PLANE)/helm" scripts/render-deploy.sh
+
+manifests:
+	HELM="$(CONTROL_PLANE)/helm" scripts/render-deploy.sh
+
+image:
+	docker build -f deploy/Dockerfile -t $(IMAGE) .
+
+test-packaging:
+	KUBEBUILDER_ASSETS="$(CONTROL_PLANE)" $(CARGO) test --locked --test packaging
 
 control-plane:
 	@tests/control-plane/build.sh

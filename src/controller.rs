@@ -76,6 +76,8 @@ pub struct Context {
     pub metrics: Metrics,
     pub recorder: Recorder,
     pub runs: Store<DeserializeGuard<NotebookRun>>,
+    /// Consecutive reconcile failures per run, for exponential backoff.
+    pub failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<DeserializeGuard<NotebookRun>>, u32>>,
 }
 
 /// Readiness of the controller: true once the run cache has synced.
@@ -112,8 +114,14 @@ pub async fn run(
         client.clone(),
         Reporter { controller: "notebook-operator".into(), instance: std::env::var("POD_NAME").ok() },
     );
-    let ctx =
-        Arc::new(Context { client: client.clone(), config: config.clone(), metrics, recorder, runs: store });
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        config: config.clone(),
+        metrics,
+        recorder,
+        runs: store,
+        failures: Default::default(),
+    });
     controller
         .owns(scoped::<Job>(&client, config.namespace.as_deref()), managed.clone())
         .watches(scoped::<Pod>(&client, config.namespace.as_deref()), managed.clone(), |pod| {
@@ -156,10 +164,23 @@ where
 
 pub fn error_policy(guard: Arc<DeserializeGuard<NotebookRun>>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(error.reason());
+    let key = ObjectRef::from_obj(guard.as_ref());
+    let failures = {
+        let mut counts = ctx.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = counts.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(failures);
     let name = guard.0.as_ref().map(|r| r.name_any()).unwrap_or_default();
-    warn!(run = %name, reason = error.reason(), error = %error, "reconcile failed; retrying");
-    // kube-runtime's scheduler deduplicates; a short fixed delay plus the next event is enough here.
-    Action::requeue(Duration::from_secs(2))
+    warn!(run = %name, reason = error.reason(), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Exponential backoff: 500ms after the first failure, doubling, at most 5 minutes.
+fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(10);
+    (Duration::from_millis(500) * 2u32.pow(exp)).min(Duration::from_secs(300))
 }
 
 /// One pass over a run: read the world, move the run one step along its lifecycle.
@@ -177,7 +198,7 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<NotebookRun>>, ctx: Arc<Conte
     }
     let span = info_span!("reconcile", run = %run.name_any(), ns = %run.namespace().unwrap_or_default());
     let r = Reconciler { run, ctx: &ctx, ns: run.namespace().unwrap_or_default() };
-    async move {
+    let action = async move {
         match r.phase() {
             Some(p) if p.is_terminal() => r.finished().await,
             Some(RunPhase::Running) => r.running().await,
@@ -185,7 +206,12 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<NotebookRun>>, ctx: Arc<Conte
         }
     }
     .instrument(span)
-    .await
+    .await?;
+    ctx.failures
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&ObjectRef::from_obj(guard.as_ref()));
+    Ok(action)
 }
 
 struct Reconciler<'a> {
@@ -734,6 +760,16 @@ fn strip_outputs(notebook: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        assert_eq!(super::backoff(1), Duration::from_millis(500));
+        assert_eq!(super::backoff(2), Duration::from_secs(1));
+        assert_eq!(super::backoff(4), Duration::from_secs(4));
+        assert_eq!(super::backoff(30), Duration::from_secs(300));
+    }
+
     #[test]
     fn strip_outputs_keeps_sources() {
         let nb = br#"{"cells":[{"cell_type":"code","source":"x","outputs":[{"text":"big"}]}],"metadata":{}}"#;
