@@ -349,7 +349,12 @@ async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
     println!(
         "notebook-operator (local backend) listening on http://{addr}  —  API docs: http://{addr}/docs/"
     );
-    let state = AppState { backend: Arc::new(backend), metrics, token };
-    api::serve(listener, state, telemetry::shutdown_signal()).await?;
+    let state = AppState { backend: Arc::new(backend.clone()), metrics, token };
+    // Stop the active run first: it also ends the log streams that graceful shutdown waits for.
+    let shutdown = async move {
+        telemetry::shutdown_signal().await;
+        backend.shutdown().await;
+    };
+    api::serve(listener, state, shutdown).await?;
     Ok(())
 }

@@ -451,3 +451,34 @@ async fn openapi_lists_every_route() {
     assert_eq!(code, 200);
     assert!(html.contains("swagger"), "Swagger UI is served from the binary");
 }
+
+#[tokio::test]
+async fn sigterm_stops_the_active_run_and_records_it_interrupted() {
+    let data = tempfile::tempdir().unwrap();
+    let nb = pid_then_sleep();
+    let mut server = start_server(Options { notebook: &nb, data_dir: Some(data.path()), token: None }).await;
+    let (_, started) = server.get("/start").await;
+    let id = started["id"].as_str().unwrap().to_string();
+    let kernel = kernel_pid(&server, &id).await;
+    let pid = server.child.id() as i32;
+    // SAFETY: sending a signal to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.child.wait();
+        (server, status)
+    });
+    let (_server, status) =
+        tokio::time::timeout(Duration::from_secs(30), status).await.expect("exits in time").unwrap();
+    assert!(status.unwrap().success(), "a clean exit on SIGTERM");
+    wait_gone(kernel, "kernel").await;
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(data.path().join("runs").join(&id).join("run.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (record["phase"].as_str(), record["reason"].as_str()),
+        (Some("Failed"), Some("Interrupted")),
+        "{record}"
+    );
+    let partial = std::fs::read_to_string(data.path().join("runs").join(&id).join("notebook.ipynb")).unwrap();
+    assert!(partial.contains("kernel-pid"), "the partial notebook was saved");
+}

@@ -63,6 +63,8 @@ struct Active {
     id: String,
     pgid: Pid,
     cancel_requested: bool,
+    /// The server is shutting down: the run ends Failed/Interrupted, not Cancelled.
+    interrupted: bool,
     /// Bytes appended to the log; closed when the run has ended.
     log_len: watch::Receiver<u64>,
 }
@@ -265,12 +267,20 @@ impl LocalBackend {
             .ok()
             .and_then(|t| TerminationMessage::parse(&t));
         let mut state = self.state.lock().await;
-        let cancel_requested = state.active.as_ref().is_some_and(|a| a.id == id && a.cancel_requested);
-        state.active = None;
+        let active = state.active.take().filter(|a| a.id == id);
+        let cancel_requested = active.as_ref().is_some_and(|a| a.cancel_requested);
+        let interrupted = active.as_ref().is_some_and(|a| a.interrupted);
         let Some(run) = state.runs.get_mut(id) else {
             return;
         };
-        let outcome = local_outcome(status.as_ref().ok(), message.as_ref(), cancel_requested);
+        let mut outcome = local_outcome(status.as_ref().ok(), message.as_ref(), cancel_requested);
+        if interrupted && outcome.phase != RunPhase::Succeeded {
+            outcome = Outcome {
+                phase: RunPhase::Failed,
+                reason: Reason::Interrupted,
+                message: "the server shut down while this run was active".into(),
+            };
+        }
         run.phase = outcome.phase;
         run.reason = Some(outcome.reason);
         run.message = Some(outcome.message);
@@ -284,6 +294,31 @@ impl LocalBackend {
         self.persist(&run, None);
         self.metrics.run_finished(run.reason.unwrap_or(Reason::PodFailed), run.started_at, run.finished_at);
         info!(phase = run.phase.as_str(), reason = ?run.reason, "run finished");
+    }
+
+    /// On server shutdown: stops the active run (SIGTERM, then SIGKILL after the grace period)
+    /// so it ends Failed/Interrupted with its partial notebook, instead of dying unrecorded.
+    pub async fn shutdown(&self) {
+        let stopping = {
+            let mut state = self.state.lock().await;
+            state.active.as_mut().map(|a| {
+                a.interrupted = true;
+                (a.id.clone(), a.pgid, a.log_len.clone())
+            })
+        };
+        let Some((id, pgid, log_len)) = stopping else { return };
+        info!(run = %id, "server shutting down: stopping the active run");
+        self.stop_group(pgid, log_len).await;
+    }
+
+    /// SIGTERM to the runner's group, SIGKILL if it is still there after the grace period.
+    async fn stop_group(&self, pgid: Pid, log_len: watch::Receiver<u64>) {
+        let _ = killpg(pgid, Signal::SIGTERM);
+        if !Self::wait_ended(log_len.clone(), self.config.kill_grace).await {
+            warn!(grace = ?self.config.kill_grace, "runner ignored SIGTERM: SIGKILL");
+            let _ = killpg(pgid, Signal::SIGKILL);
+            Self::wait_ended(log_len, Duration::from_secs(10)).await;
+        }
     }
 
     /// Waits (bounded) until the run whose log sender this is has ended and been recorded.
@@ -330,7 +365,8 @@ impl Backend for Arc<LocalBackend> {
         self.persist(&run, Some(pgid.as_raw()));
         self.metrics.run_started();
         state.runs.insert(run.id.clone(), run.clone());
-        state.active = Some(Active { id: run.id.clone(), pgid, cancel_requested: false, log_len });
+        state.active =
+            Some(Active { id: run.id.clone(), pgid, cancel_requested: false, interrupted: false, log_len });
         info!(run = %run.id, pid = pgid.as_raw(), "run started");
         Ok(run)
     }
@@ -365,12 +401,7 @@ impl Backend for Arc<LocalBackend> {
         let log_len = active.log_len.clone();
         drop(state);
         info!(run = %id, "cancelling: SIGTERM to the runner's process group");
-        let _ = killpg(pgid, Signal::SIGTERM);
-        if !LocalBackend::wait_ended(log_len.clone(), self.config.kill_grace).await {
-            warn!(run = %id, grace = ?self.config.kill_grace, "runner ignored SIGTERM: SIGKILL");
-            let _ = killpg(pgid, Signal::SIGKILL);
-            LocalBackend::wait_ended(log_len, Duration::from_secs(10)).await;
-        }
+        self.stop_group(pgid, log_len).await;
         self.get(id).await
     }
 
