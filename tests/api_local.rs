@@ -58,7 +58,8 @@ fn spawn(opts: Options<'_>) -> std::io::Result<(Child, Option<tempfile::TempDir>
     let tmp = tempfile::tempdir()?;
     let nb_path = tmp.path().join("notebook.ipynb");
     std::fs::write(&nb_path, opts.notebook)?;
-    let data_dir = opts.data_dir.map(Path::to_path_buf).unwrap_or_else(|| tmp.path().join("data"));
+    // Relative by default, as in `make run`: runs execute in their own directory.
+    let data_dir = opts.data_dir.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("data"));
     let mut cmd = Command::new(BIN);
     cmd.args(["local", "--listen", "127.0.0.1:0", "--kill-grace", "5s"])
         .arg("--notebook")
@@ -67,12 +68,14 @@ fn spawn(opts: Options<'_>) -> std::io::Result<(Child, Option<tempfile::TempDir>
         .arg(python())
         .arg("--data-dir")
         .arg(&data_dir)
+        .current_dir(tmp.path())
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(t) = opts.token {
         cmd.arg("--token").arg(t);
     }
+    let data_dir = if data_dir.is_relative() { tmp.path().join(data_dir) } else { data_dir };
     Ok((cmd.spawn()?, Some(tmp), data_dir, nb_path))
 }
 

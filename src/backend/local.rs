@@ -72,7 +72,10 @@ struct Active {
 // === impl LocalBackend ===
 
 impl LocalBackend {
-    pub async fn open(config: LocalConfig, metrics: Metrics) -> anyhow::Result<Arc<Self>> {
+    pub async fn open(mut config: LocalConfig, metrics: Metrics) -> anyhow::Result<Arc<Self>> {
+        // Runs execute in their own directory: every path handed to them must be absolute.
+        config.data_dir = std::path::absolute(&config.data_dir)?;
+        config.notebook = std::path::absolute(&config.notebook)?;
         let runs_dir = config.data_dir.join("runs");
         std::fs::create_dir_all(&runs_dir)?;
         let dir_lock = lock_data_dir(&config.data_dir)?;
