@@ -35,6 +35,10 @@ const REPLACED_BY: &str = "notebooks.dev/replaced-by";
 /// Largest gzip'd notebook kept in the output ConfigMap (ConfigMaps hold at most 1 MiB).
 const MAX_OUTPUT_GZ: usize = 900 * 1024;
 const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(600);
+/// What the inputs ConfigMap may hold (ConfigMaps hold at most 1 MiB, metadata included).
+const MAX_INPUTS_BYTES: usize = 1_000_000;
+/// Log lines searched for the newest progress event (a chatty cell prints many between polls).
+const PROGRESS_TAIL_LINES: i64 = 1000;
 /// Log lines searched for the trailer: stderr (the failure's traceback) may land after it.
 const TRAILER_TAIL_LINES: i64 = 500;
 
@@ -211,6 +215,16 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<NotebookRun>>, ctx: Arc<Conte
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .remove(&ObjectRef::from_obj(guard.as_ref()));
+    // The gauge counts what the cluster holds, so it survives controller restarts.
+    let running = ctx
+        .runs
+        .state()
+        .iter()
+        .filter(|g| {
+            g.0.as_ref().is_ok_and(|r| r.status.as_ref().and_then(|s| s.phase) == Some(RunPhase::Running))
+        })
+        .count();
+    ctx.metrics.set_running(i64::try_from(running).unwrap_or(i64::MAX));
     Ok(action)
 }
 
@@ -342,21 +356,47 @@ impl Reconciler<'_> {
         };
         let cms: Api<ConfigMap> = self.api();
         let inputs = job::inputs_config_map(self.run, notebook.as_deref());
-        create_or_keep(&cms, &inputs).await?;
+        let size: usize = inputs.data.iter().flatten().map(|(k, v)| k.len() + v.len()).sum();
+        if size > MAX_INPUTS_BYTES {
+            let message = format!(
+                "the run's inputs (notebook, parameters, runner) take {size} bytes; at most {MAX_INPUTS_BYTES} fit a ConfigMap"
+            );
+            return self.fail_now(Reason::InvalidNotebook, message).await;
+        }
+        match cms.create(&PostParams::default(), &inputs).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                // Kept from an earlier pass, or left by a deleted run of the same name until GC takes it.
+                let existing = cms.get(&inputs.name_any()).await?;
+                if !owned_by(&existing.metadata, self.run) {
+                    return Ok(Action::requeue(Duration::from_secs(1)));
+                }
+            }
+            Err(kube::Error::Api(e)) if is_permanent(e.code) => {
+                return self
+                    .fail_now(
+                        Reason::InvalidNotebook,
+                        format!("the inputs ConfigMap was refused: {}", e.message),
+                    )
+                    .await;
+            }
+            Err(e) => return Err(e.into()),
+        }
         let jobs: Api<Job> = self.api();
         let desired = job::build(self.run, &self.ctx.config.job);
         let job_name = desired.name_any();
         match jobs.create(&PostParams::default(), &desired).await {
             Ok(_) => info!(job = %job_name, "job created"),
             Err(kube::Error::Api(e)) if e.code == 409 => {
-                // Created by an earlier pass whose status write was lost: adopt it if it is ours.
+                // Created by an earlier pass whose status write was lost: adopt it if it is ours;
+                // one left by a deleted run of the same name goes by GC: wait for it.
                 let existing = jobs.get(&job_name).await?;
-                let ours = existing.annotations().get("notebooks.dev/run-uid") == self.run.uid().as_ref();
-                if !ours {
-                    let message = format!("a Job named {job_name} exists and belongs to something else");
-                    self.transition(RunPhase::Failed, Reason::PodFailed, message, |_| {}).await?;
-                    return Ok(Action::requeue(Duration::from_millis(10)));
+                if !owned_by(&existing.metadata, self.run) {
+                    return Ok(Action::requeue(Duration::from_secs(1)));
                 }
+            }
+            Err(kube::Error::Api(e)) if is_permanent(e.code) => {
+                return self.fail_now(Reason::PodFailed, format!("the Job was refused: {}", e.message)).await;
             }
             Err(e) => return Err(e.into()),
         }
@@ -368,8 +408,13 @@ impl Reconciler<'_> {
             s.progress = None;
         })
         .await?;
-        self.ctx.metrics.run_started();
         Ok(Action::requeue(self.ctx.config.progress_interval))
+    }
+
+    /// Fails the run at once (the next pass releases the lock).
+    async fn fail_now(&self, reason: Reason, message: String) -> Result<Action> {
+        self.transition(RunPhase::Failed, reason, message, |_| {}).await?;
+        Ok(Action::requeue(Duration::from_millis(10)))
     }
 
     /// The notebook to freeze into the inputs (None for a path inside the image), or why the run fails now.
@@ -417,6 +462,8 @@ impl Reconciler<'_> {
                     format!("job {job_name} was deleted; it is not recreated"),
                 )
             };
+            // The lock is released only once no pod of this run executes any more.
+            self.wait_pods_stopped().await?;
             self.transition(phase, reason, message, |_| {}).await?;
             return Ok(Action::requeue(Duration::from_millis(10)));
         };
@@ -427,7 +474,8 @@ impl Reconciler<'_> {
         if let Some(outcome) = status::outcome(&job, pod.as_ref()) {
             return self.finish(outcome, pod.as_ref()).await;
         }
-        if let Some(problem) = pod.as_ref().and_then(status::start_problem) {
+        let started = pod.as_ref().is_some_and(|p| pod_phase(p) != "Pending");
+        if !started {
             let limit = self.start_timeout();
             let waited = job
                 .metadata
@@ -435,18 +483,44 @@ impl Reconciler<'_> {
                 .as_ref()
                 .map(|t| jiff::Timestamp::now().duration_since(t.0).unsigned_abs())
                 .unwrap_or_default();
-            if waited >= limit {
-                let _ = jobs.delete(&job_name, &background()).await;
-                let message = format!("the pod did not start within {}s: {problem}", limit.as_secs());
-                self.transition(RunPhase::Failed, Reason::StartTimeout, message, |_| {}).await?;
-                return Ok(Action::requeue(Duration::from_millis(10)));
+            if waited < limit {
+                return Ok(Action::requeue((limit - waited).min(Duration::from_secs(5))));
             }
-            return Ok(Action::requeue((limit - waited).min(Duration::from_secs(5))));
+            let problem = match &pod {
+                Some(p) => status::start_problem(p)
+                    .unwrap_or_else(|| format!("pod {} is still Pending", p.name_any())),
+                None => format!(
+                    "no pod was created for Job {job_name} (quota, admission or a missing ServiceAccount?)"
+                ),
+            };
+            ignore_not_found(jobs.delete(&job_name, &background()).await)?;
+            self.wait_pods_stopped().await?;
+            let message = format!("the pod did not start within {}s: {problem}", limit.as_secs());
+            return self.fail_now(Reason::StartTimeout, message).await;
         }
         if let Some(pod) = &pod {
             self.update_progress(pod).await?;
         }
         Ok(Action::requeue(self.ctx.config.progress_interval))
+    }
+
+    /// Waits (bounded by the cancel grace) until no pod of this run is Pending or Running.
+    async fn wait_pods_stopped(&self) -> Result<()> {
+        let pods: Api<Pod> = self.api();
+        let lp = ListParams::default().labels(&format!("{}={}", job::RUN_LABEL, self.run.name_any()));
+        let deadline = tokio::time::Instant::now() + self.ctx.config.cancel_grace + Duration::from_secs(10);
+        loop {
+            let live =
+                pods.list(&lp).await?.items.iter().any(|p| matches!(pod_phase(p), "Pending" | "Running"));
+            if !live {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!("pods of this run are still running past the grace period");
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     fn start_timeout(&self) -> Duration {
@@ -509,7 +583,7 @@ impl Reconciler<'_> {
             let pods: Api<Pod> = self.api();
             let lp = LogParams {
                 container: Some(job::CONTAINER.into()),
-                tail_lines: Some(50),
+                tail_lines: Some(PROGRESS_TAIL_LINES),
                 ..Default::default()
             };
             match pods.logs(&pod_name, &lp).await {
@@ -522,7 +596,12 @@ impl Reconciler<'_> {
             }
         }
         if progress != status.progress || status.pod_name.as_deref() != Some(pod_name.as_str()) {
-            let mut status = status;
+            // Never write a cached (possibly stale) status over a newer one: re-read it.
+            let runs: Api<NotebookRun> = self.api();
+            let mut status = runs.get_status(&self.run.name_any()).await?.status.unwrap_or_default();
+            if status.phase != Some(RunPhase::Running) {
+                return Ok(());
+            }
             status.progress = progress;
             status.pod_name = Some(pod_name);
             self.apply_status(&status).await?;
@@ -562,6 +641,7 @@ impl Reconciler<'_> {
             Some(nb) => Some(self.keep_notebook(&nb).await?),
             None => None,
         };
+        self.wait_pods_stopped().await?;
         let reason = self.cancel_reason();
         let message = match self.run.annotations().get(REPLACED_BY) {
             Some(by) => format!("replaced by {by}"),
@@ -658,7 +738,14 @@ impl Reconciler<'_> {
         message: String,
         edit: impl FnOnce(&mut NotebookRunStatus),
     ) -> Result<()> {
-        let mut status = self.status();
+        // The cache may lag behind our own last write: start from the stored status, and do not
+        // repeat a transition an earlier pass already made (no second Event, metric or startTime).
+        let runs: Api<NotebookRun> = self.api();
+        let mut status = runs.get_status(&self.run.name_any()).await?.status.unwrap_or_default();
+        if status.phase == Some(phase) && (phase == RunPhase::Running || phase.is_terminal()) {
+            debug!(phase = phase.as_str(), "transition already made");
+            return Ok(());
+        }
         let now = Time(jiff::Timestamp::now());
         let was_running = status.phase == Some(RunPhase::Running);
         status.phase = Some(phase);
@@ -685,6 +772,9 @@ impl Reconciler<'_> {
             EventType::Normal
         };
         self.event(kind, reason.as_str(), message).await;
+        if phase == RunPhase::Running {
+            self.ctx.metrics.run_started();
+        }
         if phase.is_terminal() && was_running {
             self.ctx.metrics.run_finished(
                 reason,
@@ -736,12 +826,18 @@ fn ignore_not_found<T>(result: kube::Result<T>) -> kube::Result<()> {
     }
 }
 
-async fn create_or_keep(cms: &Api<ConfigMap>, cm: &ConfigMap) -> kube::Result<()> {
-    match cms.create(&PostParams::default(), cm).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e),
-    }
+fn pod_phase(pod: &Pod) -> &str {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending")
+}
+
+/// Whether a child names this very run (same uid) as its owner, not an earlier run of that name.
+fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, run: &NotebookRun) -> bool {
+    meta.owner_references.iter().flatten().any(|o| Some(&o.uid) == run.uid().as_ref())
+}
+
+/// API answers that retrying the same request cannot change.
+fn is_permanent(code: u16) -> bool {
+    matches!(code, 400 | 403 | 413 | 422)
 }
 
 /// The notebook with every cell's outputs removed, marked as truncated.

@@ -199,15 +199,20 @@ pub fn build(run: &NotebookRun, config: &JobConfig) -> Job {
         ]),
         ..Default::default()
     };
-    let failing_codes = [
-        exit_code::CELL_ERROR,
-        exit_code::INVALID_INPUT,
-        exit_code::CELL_TIMEOUT,
-        exit_code::KERNEL_DIED,
-        exit_code::CANCELLED,
-    ];
+    // 143 (SIGTERM) is left out: an evicted runner exits 143, and evictions may be retried.
+    let failing_codes =
+        [exit_code::CELL_ERROR, exit_code::INVALID_INPUT, exit_code::CELL_TIMEOUT, exit_code::KERNEL_DIED];
     let pod_failure_policy = PodFailurePolicy {
         rules: vec![
+            // First, as the first matching rule wins: evictions and preemptions cost no retry.
+            PodFailurePolicyRule {
+                action: "Ignore".into(),
+                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                    type_: "DisruptionTarget".into(),
+                    status: Some("True".into()),
+                }]),
+                ..Default::default()
+            },
             // A notebook error is never retried.
             PodFailurePolicyRule {
                 action: "FailJob".into(),
@@ -216,15 +221,6 @@ pub fn build(run: &NotebookRun, config: &JobConfig) -> Job {
                     operator: "In".into(),
                     values: failing_codes.to_vec(),
                 }),
-                ..Default::default()
-            },
-            // Evictions and preemptions do not count against retries.
-            PodFailurePolicyRule {
-                action: "Ignore".into(),
-                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
-                    type_: "DisruptionTarget".into(),
-                    status: Some("True".into()),
-                }]),
                 ..Default::default()
             },
         ],
@@ -284,8 +280,8 @@ mod tests {
         assert_eq!(spec.backoff_limit, Some(2));
         assert_eq!(spec.active_deadline_seconds, Some(3600));
         let rules = spec.pod_failure_policy.unwrap().rules;
-        assert_eq!(rules[0].on_exit_codes.as_ref().unwrap().values, vec![1, 2, 3, 4, 143]);
-        assert_eq!(rules[1].action, "Ignore");
+        assert_eq!(rules[0].action, "Ignore", "disruptions first: the first matching rule wins");
+        assert_eq!(rules[1].on_exit_codes.as_ref().unwrap().values, vec![1, 2, 3, 4]);
         let pod = spec.template.spec.unwrap();
         assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
         assert_eq!(pod.automount_service_account_token, Some(false));

@@ -52,10 +52,23 @@ pub fn decide<'a>(
         .collect();
     if let Some(lease) = lease {
         let holder = lease.spec.as_ref().and_then(|s| s.holder_identity.clone()).unwrap_or_default();
-        if holder == me {
-            return Decision::Owned;
+        let ours = lease.labels().get("app.kubernetes.io/managed-by").map(String::as_str)
+            == Some(crate::job::MANAGED_BY);
+        if !ours {
+            // Someone else's Lease by that name (leader election, say): never ours to delete.
+            return Decision::HeldBy {
+                holder: format!("{holder} (a Lease not managed by notebook-operator)"),
+            };
         }
         let owner_uid = lease.metadata.owner_references.iter().flatten().map(|o| o.uid.clone()).next();
+        if holder == me {
+            // A Lease left by a deleted run of the same name is stale, not ours.
+            return if owner_uid.is_none() || owner_uid == run.uid() {
+                Decision::Owned
+            } else {
+                Decision::Stale { holder }
+            };
+        }
         let holder_run = same_lock.iter().find(|r| r.name_any() == holder);
         return match holder_run {
             Some(h) if is_live(h) && (owner_uid.is_none() || owner_uid == h.uid()) => {
@@ -156,6 +169,9 @@ mod tests {
         Lease {
             metadata: ObjectMeta {
                 owner_references: Some(vec![OwnerReference { uid: uid.into(), ..Default::default() }]),
+                labels: Some(
+                    [("app.kubernetes.io/managed-by".to_string(), "notebook-operator".to_string())].into(),
+                ),
                 ..Default::default()
             },
             spec: Some(LeaseSpec { holder_identity: Some(holder.into()), ..Default::default() }),
@@ -206,6 +222,18 @@ mod tests {
         let mut cancelled = run("c", 0, Some(RunPhase::Queued));
         cancelled.spec.cancel = true;
         assert_eq!(decide(&me, None, [&me, &cancelled]), Decision::Acquire);
+    }
+
+    #[test]
+    fn foreign_leases_and_same_name_leftovers() {
+        let me = run("b", 2, None);
+        let mut foreign = lease("someone", "x");
+        foreign.metadata.labels = None;
+        assert!(matches!(decide(&me, Some(&foreign), [&me]), Decision::HeldBy { .. }));
+        assert_eq!(
+            decide(&me, Some(&lease("b", "uid-of-a-deleted-b")), [&me]),
+            Decision::Stale { holder: "b".into() }
+        );
     }
 
     #[test]

@@ -71,6 +71,11 @@ impl Metrics {
         }
     }
 
+    /// Sets the running gauge from an authoritative count (the controller's cache).
+    pub fn set_running(&self, n: i64) {
+        self.runs_running.set(n);
+    }
+
     pub fn reconcile_error(&self, reason: &'static str) {
         self.reconcile_errors.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
     }

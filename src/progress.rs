@@ -187,7 +187,6 @@ pub fn reason_for_exit_code(code: i32) -> Reason {
         exit_code::CELL_TIMEOUT => Reason::CellTimeout,
         exit_code::KERNEL_DIED => Reason::KernelDied,
         exit_code::CANCELLED => Reason::Cancelled,
-        137 => Reason::OomKilled,
         _ => Reason::PodFailed,
     }
 }

@@ -82,7 +82,8 @@ pub fn outcome(job: &Job, pod: Option<&Pod>) -> Option<Outcome> {
     let reason = if oom {
         Reason::OomKilled
     } else if let Some(r) = message.as_ref().and_then(TerminationMessage::reason) {
-        r
+        // SIGTERM that no cancel asked for: evicted or preempted, an infrastructure failure.
+        if r == Reason::Cancelled { Reason::PodFailed } else { r }
     } else if let Some(t) = term {
         progress::reason_for_exit_code(t.exit_code)
     } else {
@@ -100,9 +101,10 @@ pub fn outcome(job: &Job, pod: Option<&Pod>) -> Option<Outcome> {
     let error = message.as_ref().and_then(TerminationMessage::error).or_else(|| {
         Some(RunError {
             reason: Some(reason),
+            // The log tail (FallbackToLogsOnError) without the runner's protocol lines.
             traceback: term
-                .and_then(|t| t.message.clone())
-                .map(|m| progress::keep_tail(&progress::strip_ansi(&m), 4096)),
+                .and_then(|t| t.message.as_deref())
+                .map(|m| progress::keep_tail(&progress::strip_ansi(&progress::user_output(m)), 4096)),
             ..Default::default()
         })
     });
@@ -213,6 +215,12 @@ mod tests {
         assert_eq!(o.reason, Reason::KernelDied);
         let o = outcome(&job("Complete", "CompletionsReached"), Some(&pod(0, "Completed", ""))).unwrap();
         assert_eq!(o.phase, RunPhase::Succeeded);
+        let evicted = r#"{"reason":"Cancelled","message":"Cancelled (SIGTERM)"}"#;
+        let o = outcome(&job("Failed", "BackoffLimitExceeded"), Some(&pod(143, "Error", evicted))).unwrap();
+        assert_eq!((o.phase, o.reason), (RunPhase::Failed, Reason::PodFailed));
+        let tail = "##notebook-operator:progress {\"event\":\"start\",\"cellsTotal\":1}\nKilled\n";
+        let o = outcome(&job("Failed", "BackoffLimitExceeded"), Some(&pod(137, "Error", tail))).unwrap();
+        assert_eq!(o.error.unwrap().traceback.as_deref(), Some("Killed\n"));
     }
 
     #[test]
