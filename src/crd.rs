@@ -429,6 +429,11 @@ pub fn crd() -> CustomResourceDefinition {
         {"rule": immutability_rule(), "message": "spec is immutable except cancel (false to true)"},
         {"rule": "!oldSelf.cancel || self.cancel", "message": "cancel cannot go back from true to false"}
     ]);
+    // The name labels the run's Job and pods, and label values hold at most 63 characters.
+    schema["x-kubernetes-validations"] = json!([{
+        "rule": "self.metadata.name.size() <= 63",
+        "message": "a NotebookRun name has at most 63 characters (it labels the run's Job and pods)"
+    }]);
     let status = &mut schema["properties"]["status"];
     status["properties"]["conditions"]["x-kubernetes-list-type"] = json!("map");
     status["properties"]["conditions"]["x-kubernetes-list-map-keys"] = json!(["type"]);

@@ -314,6 +314,40 @@ async fn an_image_that_cannot_be_pulled_times_out_the_start() {
 }
 
 #[tokio::test]
+async fn a_run_that_cannot_get_a_pod_or_fit_its_inputs_fails_and_frees_the_lock() {
+    let env = setup("nopod").await;
+    let sa =
+        run_of("no-sa", &["print(1)"], json!({"serviceAccountName": "missing", "timeouts": {"start": "3s"}}));
+    env.create(&sa).await;
+    let run = env.wait_terminal("no-sa").await;
+    assert_eq!(
+        (phase_of(&run), reason_of(&run)),
+        (Some(RunPhase::Failed), Some(Reason::StartTimeout)),
+        "{:?}",
+        run.status
+    );
+    assert!(run.status.unwrap().message.unwrap().contains("no pod was created"));
+    env.wait_lock_free("notebook-run").await;
+    // An inline notebook the API server accepts, but too large to freeze with the runner.
+    let big = format!(
+        "{{\"cells\": [], \"metadata\": {{\"pad\": \"{}\"}}, \"nbformat\": 4, \"nbformat_minor\": 5}}",
+        "x".repeat(990_000)
+    );
+    let mut huge = run_of("huge", &[], json!({}));
+    huge.spec.notebook.inline = Some(big);
+    env.create(&huge).await;
+    let run = env.wait_terminal("huge").await;
+    assert_eq!(
+        (phase_of(&run), reason_of(&run)),
+        (Some(RunPhase::Failed), Some(Reason::InvalidNotebook)),
+        "{:?}",
+        run.status
+    );
+    env.wait_lock_free("notebook-run").await;
+    assert!(env.jobs().await.is_empty());
+}
+
+#[tokio::test]
 async fn a_killed_kernel_is_kernel_died() {
     let env = setup("kernel").await;
     env.create(&run_of(
@@ -536,6 +570,9 @@ async fn the_api_server_refuses_invalid_runs() {
         "metadata": {"name": "two"}, "spec": {"notebook": {"path": "/a.ipynb", "inline": "{}"}}}));
     let err = env.runs.create(&PostParams::default(), &two).await.unwrap_err();
     assert!(err.to_string().contains("exactly one of"), "{err}");
+    let long = run_of(&"n".repeat(64), &["print(1)"], json!({}));
+    let err = env.runs.create(&PostParams::default(), &long).await.unwrap_err();
+    assert!(err.to_string().contains("at most 63"), "{err}");
     let bad_lock = run_of("badlock", &["print(1)"], json!({"lock": "Not_A_DNS_Name"}));
     let err = env.runs.create(&PostParams::default(), &bad_lock).await.unwrap_err();
     assert!(err.to_string().contains("lock"), "{err}");
