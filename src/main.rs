@@ -256,6 +256,17 @@ async fn run_api(args: KubeApiArgs, controller_settings: Option<ControllerSettin
     let backend = KubeBackend::new(client.clone(), config, shutdown.wait());
     let state = AppState { backend: Arc::new(backend), metrics: metrics.clone(), token };
     let api = api::serve(listener, state, shutdown.wait());
+    // Open `follow` streams may last as long as a run: graceful shutdown waits for them a while only.
+    let grace = shutdown.clone();
+    let api = async move {
+        tokio::select! {
+            res = api => res.context("REST API"),
+            () = async { grace.wait().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+                info!("closing the connections still open after {SHUTDOWN_GRACE:?}");
+                Ok(())
+            }
+        }
+    };
     match controller_settings {
         None => api.await?,
         Some(settings) => {
@@ -266,15 +277,18 @@ async fn run_api(args: KubeApiArgs, controller_settings: Option<ControllerSettin
                 Readiness::default(),
                 shutdown.wait(),
             );
-            // If either half dies, the process exits.
+            // If either half dies, the process exits; after a shutdown signal both end, and that is fine.
             tokio::select! {
-                () = controller => anyhow::bail!("the controller stopped"),
-                res = api => res.context("REST API")?,
+                () = controller => anyhow::ensure!(shutdown.requested(), "the controller stopped"),
+                res = api => res?,
             }
         }
     }
     Ok(())
 }
+
+/// How long open connections get to finish after a shutdown signal.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The one shutdown signal (SIGTERM or Ctrl-C), fanned out to every part.
 #[derive(Clone)]
@@ -288,6 +302,10 @@ impl Shutdown {
             let _ = tx.send(true);
         });
         Self(rx)
+    }
+
+    fn requested(&self) -> bool {
+        *self.0.borrow()
     }
 
     fn wait(&self) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {

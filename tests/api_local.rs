@@ -382,6 +382,15 @@ async fn bad_bodies_get_413_and_422() {
         assert!(body["detail"].is_string());
     }
     assert_eq!(s.get("/progress").await.0, 400, "nothing was started by a bad body");
+    let (code, body) = s.get("/output?full=maybe").await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body["detail"].as_str().unwrap().starts_with("invalid query"), "{body}");
+    assert_eq!(s.get("/runs?limit=x").await.0, 422);
+    assert_eq!(s.get("/runs?continue=gone").await.0, 422, "an unknown continue token is refused");
+    assert_eq!(s.get("/nowhere").await, (404, json!({"detail": "Not Found"})));
+    let resp = s.http.delete(format!("{}/start", s.url)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"detail": "Method Not Allowed"}));
 }
 
 #[tokio::test]

@@ -2,12 +2,12 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::error::OptionalJson;
+use super::error::{OptionalJson, QueryParams};
 use super::seed::{StartBody, text_stream};
 use super::{ApiError, AppState, ErrorBody};
 use crate::backend::{BackendError, RunInfo, RunPage};
@@ -69,7 +69,7 @@ pub async fn create_run(
 )]
 pub async fn list_runs(
     State(state): State<AppState>,
-    Query(q): Query<ListQuery>,
+    QueryParams(q): QueryParams<ListQuery>,
 ) -> Result<Json<RunPage>, ApiError> {
     Ok(Json(state.backend.list(q.limit.unwrap_or(50), q.continue_token.as_deref()).await?))
 }
@@ -107,7 +107,7 @@ pub async fn get_run(
 pub async fn run_logs(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(q): Query<LogsQuery>,
+    QueryParams(q): QueryParams<LogsQuery>,
 ) -> Result<Response, ApiError> {
     let stream = state.backend.logs(&id, q.follow).await?;
     Ok(text_stream(Body::from_stream(stream)))

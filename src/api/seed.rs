@@ -3,13 +3,13 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::error::OptionalJson;
+use super::error::{OptionalJson, QueryParams};
 use super::{ApiError, AppState, ErrorBody};
 use crate::backend::RunInfo;
 use crate::crd::{Progress, Reason, RunPhase};
@@ -125,7 +125,7 @@ pub async fn start(
 )]
 pub async fn progress(
     State(state): State<AppState>,
-    Query(q): Query<TaskQuery>,
+    QueryParams(q): QueryParams<TaskQuery>,
 ) -> Result<Json<SeedTask>, ApiError> {
     Ok(Json(task(&state, q.task_id.as_deref()).await?.into()))
 }
@@ -146,7 +146,7 @@ pub async fn progress(
 )]
 pub async fn output(
     State(state): State<AppState>,
-    Query(q): Query<OutputQuery>,
+    QueryParams(q): QueryParams<OutputQuery>,
 ) -> Result<Response, ApiError> {
     let run = task(&state, q.task_id.as_deref()).await?;
     if q.follow {
@@ -210,7 +210,7 @@ pub fn output_text(run: &RunInfo) -> String {
 )]
 pub async fn kill(
     State(state): State<AppState>,
-    Query(q): Query<TaskQuery>,
+    QueryParams(q): QueryParams<TaskQuery>,
 ) -> Result<Json<SeedTask>, ApiError> {
     let run = task(&state, q.task_id.as_deref()).await?;
     Ok(Json(state.backend.cancel(&run.id).await?.into()))

@@ -229,7 +229,7 @@ impl Backend for Arc<KubeBackend> {
 
     async fn list(&self, limit: usize, continue_token: Option<&str>) -> Result<RunPage> {
         let runs = self.lock_runs().iter().map(|r| run_info(r)).collect();
-        Ok(paginate(runs, limit, continue_token))
+        paginate(runs, limit, continue_token)
     }
 
     async fn cancel(&self, id: &str) -> Result<RunInfo> {
@@ -284,7 +284,10 @@ impl Backend for Arc<KubeBackend> {
                 .and_then(|s| s.phase.as_deref())
                 .is_some_and(|p| p != "Pending");
             match pod {
-                Some(p) if started || finished || !follow => break p.name_any(),
+                Some(p) if started || finished => break p.name_any(),
+                Some(_) if !follow => {
+                    return Err(BackendError::NotFound(format!("{id} has not started yet: no log to show")));
+                }
                 None if finished || !follow => {
                     return Err(BackendError::NotFound(format!(
                         "{id} has no pod (any more): no log to show"

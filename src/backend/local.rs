@@ -48,7 +48,8 @@ pub struct LocalBackend {
     runner: PathBuf,
     state: Mutex<State>,
     metrics: Metrics,
-    ready: AtomicBool,
+    /// Set when the server starts shutting down: no new runs, not ready.
+    shutting_down: AtomicBool,
     /// Held for the life of the process: one server per data dir.
     _dir_lock: Flock<File>,
 }
@@ -59,12 +60,21 @@ struct State {
     active: Option<Active>,
 }
 
+/// What stopping a runner needs.
+struct Stop {
+    pgid: Pid,
+    log_len: watch::Receiver<u64>,
+    exited: Arc<AtomicBool>,
+}
+
 struct Active {
     id: String,
     pgid: Pid,
     cancel_requested: bool,
     /// The server is shutting down: the run ends Failed/Interrupted, not Cancelled.
     interrupted: bool,
+    /// Set once the runner is reaped: its pgid may then be reused, so it is never signalled again.
+    exited: Arc<AtomicBool>,
     /// Bytes appended to the log; closed when the run has ended.
     log_len: watch::Receiver<u64>,
 }
@@ -115,7 +125,7 @@ impl LocalBackend {
             runner,
             state: Mutex::new(state),
             metrics,
-            ready: AtomicBool::new(true),
+            shutting_down: AtomicBool::new(false),
             _dir_lock: dir_lock,
         });
         Ok(backend)
@@ -140,7 +150,7 @@ impl LocalBackend {
         self: &Arc<Self>,
         run: &mut RunInfo,
         dir: &Path,
-    ) -> std::io::Result<(Pid, watch::Receiver<u64>)> {
+    ) -> std::io::Result<(Pid, watch::Receiver<u64>, Arc<AtomicBool>)> {
         let input = dir.join(INPUT_FILE);
         let notebook = match tokio::fs::copy(&self.config.notebook, &input).await {
             Ok(_) => input,
@@ -188,6 +198,8 @@ impl LocalBackend {
             .map(|p| Pid::from_raw(p as i32))
             .ok_or_else(|| std::io::Error::other("runner exited at once"))?;
         let (log_tx, log_rx) = watch::channel(0u64);
+        let exited = Arc::new(AtomicBool::new(false));
+        let reaped = Arc::clone(&exited);
         let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
         let me = Arc::clone(self);
         let id = run.id.clone();
@@ -198,11 +210,13 @@ impl LocalBackend {
                 // A kernel that outlives the runner may hold the pipe open: the process decides.
                 let status = tokio::select! {
                     status = child.wait() => {
+                        reaped.store(true, Ordering::SeqCst);
                         let _ = tokio::time::timeout(Duration::from_secs(2), &mut pump).await;
                         status
                     }
                     () = &mut pump => child.wait().await,
                 };
+                reaped.store(true, Ordering::SeqCst);
                 drop(pump);
                 me.finish(&id, status).await;
                 // Dropping the sender tells followers and cancel() that the run has ended.
@@ -210,7 +224,7 @@ impl LocalBackend {
             }
             .instrument(info_span!("run", run = %run.id)),
         );
-        Ok((pid, log_rx))
+        Ok((pid, log_rx, exited))
     }
 
     /// Copies what the notebook prints to the log and turns progress events into status.
@@ -304,23 +318,33 @@ impl LocalBackend {
     pub async fn shutdown(&self) {
         let stopping = {
             let mut state = self.state.lock().await;
+            self.shutting_down.store(true, Ordering::Relaxed);
             state.active.as_mut().map(|a| {
                 a.interrupted = true;
-                (a.id.clone(), a.pgid, a.log_len.clone())
+                (
+                    a.id.clone(),
+                    Stop { pgid: a.pgid, log_len: a.log_len.clone(), exited: Arc::clone(&a.exited) },
+                )
             })
         };
-        let Some((id, pgid, log_len)) = stopping else { return };
+        let Some((id, stop)) = stopping else { return };
         info!(run = %id, "server shutting down: stopping the active run");
-        self.stop_group(pgid, log_len).await;
+        self.stop_group(stop).await;
     }
 
-    /// SIGTERM to the runner's group, SIGKILL if it is still there after the grace period.
-    async fn stop_group(&self, pgid: Pid, log_len: watch::Receiver<u64>) {
-        let _ = killpg(pgid, Signal::SIGTERM);
-        if !Self::wait_ended(log_len.clone(), self.config.kill_grace).await {
+    /// SIGTERM to the runner's group, SIGKILL if it is still there after the grace period;
+    /// never to a reaped runner, whose pgid may belong to someone else by now.
+    async fn stop_group(&self, stop: Stop) {
+        let signal = |sig| {
+            if !stop.exited.load(Ordering::SeqCst) {
+                let _ = killpg(stop.pgid, sig);
+            }
+        };
+        signal(Signal::SIGTERM);
+        if !Self::wait_ended(stop.log_len.clone(), self.config.kill_grace).await {
             warn!(grace = ?self.config.kill_grace, "runner ignored SIGTERM: SIGKILL");
-            let _ = killpg(pgid, Signal::SIGKILL);
-            Self::wait_ended(log_len, Duration::from_secs(10)).await;
+            signal(Signal::SIGKILL);
+            Self::wait_ended(stop.log_len, Duration::from_secs(10)).await;
         }
     }
 
@@ -353,7 +377,10 @@ impl Backend for Arc<LocalBackend> {
         };
         let dir = self.run_dir(&run.id);
         std::fs::create_dir_all(&dir).map_err(BackendError::internal)?;
-        let (pgid, log_len) = match self.spawn_runner(&mut run, &dir).await {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err(BackendError::Unavailable("the server is shutting down".into()));
+        }
+        let (pgid, log_len, exited) = match self.spawn_runner(&mut run, &dir).await {
             Ok(spawned) => spawned,
             Err(e) => {
                 run.phase = RunPhase::Failed;
@@ -368,8 +395,14 @@ impl Backend for Arc<LocalBackend> {
         self.persist(&run, Some(pgid.as_raw()));
         self.metrics.run_started();
         state.runs.insert(run.id.clone(), run.clone());
-        state.active =
-            Some(Active { id: run.id.clone(), pgid, cancel_requested: false, interrupted: false, log_len });
+        state.active = Some(Active {
+            id: run.id.clone(),
+            pgid,
+            cancel_requested: false,
+            interrupted: false,
+            exited,
+            log_len,
+        });
         info!(run = %run.id, pid = pgid.as_raw(), "run started");
         Ok(run)
     }
@@ -390,7 +423,7 @@ impl Backend for Arc<LocalBackend> {
 
     async fn list(&self, limit: usize, continue_token: Option<&str>) -> Result<RunPage> {
         let runs: Vec<RunInfo> = self.state.lock().await.runs.values().cloned().collect();
-        Ok(paginate(runs, limit, continue_token))
+        paginate(runs, limit, continue_token)
     }
 
     async fn cancel(&self, id: &str) -> Result<RunInfo> {
@@ -400,11 +433,11 @@ impl Backend for Arc<LocalBackend> {
             return Ok(run); // finished: left as it is
         };
         active.cancel_requested = true;
-        let pgid = active.pgid;
-        let log_len = active.log_len.clone();
+        let stop =
+            Stop { pgid: active.pgid, log_len: active.log_len.clone(), exited: Arc::clone(&active.exited) };
         drop(state);
         info!(run = %id, "cancelling: SIGTERM to the runner's process group");
-        self.stop_group(pgid, log_len).await;
+        self.stop_group(stop).await;
         self.get(id).await
     }
 
@@ -437,7 +470,7 @@ impl Backend for Arc<LocalBackend> {
     }
 
     fn ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        !self.shutting_down.load(Ordering::Relaxed)
     }
 }
 

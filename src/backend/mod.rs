@@ -98,19 +98,25 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 /// Sorts runs newest first (creation time, then id) and cuts one page after `continue_token`.
-pub fn paginate(mut runs: Vec<RunInfo>, limit: usize, continue_token: Option<&str>) -> RunPage {
+pub fn paginate(mut runs: Vec<RunInfo>, limit: usize, continue_token: Option<&str>) -> Result<RunPage> {
     runs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
-    let start = continue_token.and_then(|t| runs.iter().position(|r| r.id == t).map(|i| i + 1)).unwrap_or(0);
+    let start = match continue_token {
+        None => 0,
+        Some(t) => runs.iter().position(|r| r.id == t).map(|i| i + 1).ok_or_else(|| {
+            BackendError::InvalidInput(format!(
+                "unknown continue token {t:?}: that run is gone; list again from the start"
+            ))
+        })?,
+    };
     let limit = limit.clamp(1, 500);
-    let items: Vec<RunInfo> = runs.into_iter().skip(start).take(limit + 1).collect();
-    let mut items = items;
+    let mut items: Vec<RunInfo> = runs.into_iter().skip(start).take(limit + 1).collect();
     let continue_token = if items.len() > limit {
         items.truncate(limit);
         items.last().map(|r| r.id.clone())
     } else {
         None
     };
-    RunPage { items, continue_token }
+    Ok(RunPage { items, continue_token })
 }
 
 /// A random UUID v4, as Celery task ids were.
@@ -133,5 +139,32 @@ mod tests {
         assert_eq!(&id[14..15], "4");
         assert!(id.chars().all(|c| c.is_ascii_hexdigit() || c == '-'));
         assert_ne!(id, new_run_id());
+    }
+
+    fn run(id: &str, second: i64) -> RunInfo {
+        RunInfo {
+            id: id.into(),
+            phase: RunPhase::Succeeded,
+            reason: None,
+            message: None,
+            progress: None,
+            error: None,
+            created_at: Timestamp::from_second(second).unwrap(),
+            started_at: None,
+            finished_at: None,
+            parameters: None,
+            blocked_by: None,
+        }
+    }
+
+    #[test]
+    fn pages_newest_first_and_refuse_unknown_tokens() {
+        let runs = vec![run("a", 1), run("b", 2), run("c", 3)];
+        let first = paginate(runs.clone(), 2, None).unwrap();
+        assert_eq!(first.items.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["c", "b"]);
+        assert_eq!(first.continue_token.as_deref(), Some("b"));
+        let second = paginate(runs.clone(), 2, Some("b")).unwrap();
+        assert_eq!((second.items.len(), second.continue_token), (1, None));
+        assert!(matches!(paginate(runs, 2, Some("gone")), Err(BackendError::InvalidInput(_))));
     }
 }
