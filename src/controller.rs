@@ -551,7 +551,13 @@ impl Reconciler<'_> {
             Some(lease) => {
                 let spec = lease.spec.unwrap_or_default();
                 if spec.holder_identity.as_deref() != Some(self.run.name_any().as_str()) {
-                    warn!(holder = ?spec.holder_identity, "the lock names another run while this one runs");
+                    let note = format!(
+                        "lock {} names {} while this run executes: two runs may share the lock",
+                        self.run.spec.lock,
+                        spec.holder_identity.as_deref().unwrap_or("nobody")
+                    );
+                    warn!("{note}");
+                    self.event(EventType::Warning, Reason::LockHeld.as_str(), note).await;
                     return Ok(());
                 }
                 let stale = spec.renew_time.is_none_or(|t| {

@@ -14,23 +14,9 @@ use notebook_operator::NotebookRun;
 use serde_json::{Value, json};
 
 use support::operator::{Operator, binary, install_crd};
-use support::{ControlPlane, TestNamespace, from_json, process, wait_for};
+use support::{ControlPlane, TestNamespace, from_json, ipynb, process, wait_for};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
-
-fn ipynb(cells: &[&str]) -> String {
-    let cells: Vec<Value> = cells
-        .iter()
-        .enumerate()
-        .map(|(i, src)| {
-            json!({"cell_type": "code", "id": format!("c{i}"), "metadata": {}, "execution_count": null,
-                   "outputs": [], "source": src})
-        })
-        .collect();
-    json!({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-           "nbformat": 4, "nbformat_minor": 5})
-    .to_string()
-}
 
 /// `notebook-operator api` for one namespace, on the notebook in ConfigMap `nb`.
 struct ApiServer {

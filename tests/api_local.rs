@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+#[path = "support/notebook.rs"]
+mod notebook_support;
+use notebook_support::ipynb as notebook;
+
 const BIN: &str = env!("CARGO_BIN_EXE_notebook-operator");
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -16,21 +20,6 @@ fn python() -> PathBuf {
     let venv = Path::new(REPO).join(".venv/bin/python");
     assert!(venv.exists(), "{} is missing: run `make venv` first", venv.display());
     venv
-}
-
-/// A notebook of code cells (source strings), kernel python3.
-fn notebook(cells: &[&str]) -> String {
-    let cells: Vec<Value> = cells
-        .iter()
-        .enumerate()
-        .map(|(i, src)| {
-            json!({"cell_type": "code", "id": format!("c{i}"), "metadata": {}, "execution_count": null,
-                   "outputs": [], "source": src})
-        })
-        .collect();
-    json!({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-           "nbformat": 4, "nbformat_minor": 5})
-    .to_string()
 }
 
 struct Server {

@@ -16,7 +16,7 @@ use notebook_operator::{NotebookRun, Reason, RunPhase};
 use serde_json::{Value, json};
 
 use support::operator::{Operator, install_crd};
-use support::{ControlPlane, TestNamespace, from_json, wait_for};
+use support::{ControlPlane, TestNamespace, from_json, ipynb, wait_for};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
@@ -37,20 +37,6 @@ async fn setup(prefix: &str) -> Env {
     let op = Operator::start(cp, &ns);
     let runs = ns.api();
     Env { op, ns, runs }
-}
-
-fn ipynb(cells: &[&str]) -> String {
-    let cells: Vec<Value> = cells
-        .iter()
-        .enumerate()
-        .map(|(i, src)| {
-            json!({"cell_type": "code", "id": format!("c{i}"), "metadata": {}, "execution_count": null,
-                   "outputs": [], "source": src})
-        })
-        .collect();
-    json!({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-           "nbformat": 4, "nbformat_minor": 5})
-    .to_string()
 }
 
 /// A run of an inline notebook; `extra` is merged into the spec.

@@ -24,7 +24,7 @@ use serde::Deserialize as _;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use support::{ControlPlane, FAILING_REGISTRY, from_json, process, wait_for};
+use support::{ControlPlane, FAILING_REGISTRY, from_json, ipynb, process, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_notebook-operator");
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -832,20 +832,6 @@ fn command_of(c: &Container, pod_name: &str, adapt: impl Fn(&str) -> String) -> 
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn ipynb(cells: &[&str]) -> String {
-    let cells: Vec<Value> = cells
-        .iter()
-        .enumerate()
-        .map(|(i, src)| {
-            json!({"cell_type": "code", "id": format!("c{i}"), "metadata": {}, "execution_count": null,
-                   "outputs": [], "source": src})
-        })
-        .collect();
-    json!({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-           "nbformat": 4, "nbformat_minor": 5})
-    .to_string()
 }
 
 fn inline_run(name: &str, cells: &[&str]) -> NotebookRun {

@@ -19,6 +19,8 @@ mod certs;
 pub mod control_plane;
 pub mod kubelet;
 pub mod namespace;
+#[allow(dead_code)] // not every test binary builds notebooks
+pub mod notebook;
 // Test binaries only: it needs `CARGO_BIN_EXE_*`, which examples do not get.
 #[cfg(test)]
 #[allow(dead_code)] // used by the operator's test binaries, not by control_plane
@@ -32,6 +34,8 @@ pub use control_plane::ControlPlane;
 pub use kubelet::FAILING_REGISTRY;
 #[allow(unused_imports)]
 pub use namespace::TestNamespace;
+#[allow(unused_imports)]
+pub use notebook::ipynb;
 #[allow(unused_imports)]
 pub use wait::{try_wait_for, wait_for};
 
