@@ -2,8 +2,10 @@
 //!
 //! Rendered with the real helm and applied to the real control plane: server-side dry runs for
 //! every manifest, a real `helm install` / `upgrade` / `uninstall` (the image comes from the test
-//! kubelet's unreachable registry, so pods are admitted but never run), and the chart's RBAC proven
-//! by running the binary as the chart's service accounts, with the chart's own arguments.
+//! kubelet's unreachable registry, so pods are admitted but never run), a `helm install` whose pods
+//! run on the test kubelet (`image.binary` set to the binary under test, in-cluster config) and
+//! complete a run started through the API, and the chart's RBAC proven by running the binary as the
+//! chart's service accounts, with the chart's own arguments.
 
 mod support;
 
@@ -425,6 +427,7 @@ async fn non_default_values_render_what_they_say() {
             "watchAllNamespaces=true",
             "image.repository=registry.example.com/notebook-operator",
             "image.tag=1.2.3",
+            "image.binary=/opt/nbo/notebook-operator",
             "api.replicas=3",
             "api.image=quay.io/jupyter/scipy-notebook:2025-01-01",
             "api.lock=reports",
@@ -473,11 +476,13 @@ async fn non_default_values_render_what_they_say() {
     assert_eq!(arg_value(c, "--namespace"), None, "every namespace");
     assert_eq!(arg_value(c, "--progress-interval").as_deref(), Some("500ms"));
     assert_eq!(c.image.as_deref(), Some("registry.example.com/notebook-operator:1.2.3"));
+    assert_eq!(c.command.clone().unwrap(), ["/opt/nbo/notebook-operator", "controller"]);
     assert!(c.env.iter().flatten().any(|e| e.name == "LOG_FORMAT" && e.value.as_deref() == Some("text")));
 
     let api: Deployment = m.get("Deployment", "nbo-notebook-operator-api");
     assert_eq!(api.spec.as_ref().unwrap().replicas, Some(3));
     let c = container(&api, "api");
+    assert_eq!(c.command.clone().unwrap(), ["/opt/nbo/notebook-operator", "api"]);
     assert_eq!(arg_value(c, "--image").as_deref(), Some("quay.io/jupyter/scipy-notebook:2025-01-01"));
     assert_eq!(arg_value(c, "--lock").as_deref(), Some("reports"));
     assert_eq!(token_file_secret(&api).0, "my-token");
@@ -528,6 +533,7 @@ fn schema_and_templates_refuse_bad_values() {
         (&["api.replicas=three"], "/api/replicas"),
         (&["watchAllNamespaces=yes"], "/watchAllNamespaces"),
         (&["image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+        (&["image.binary=notebook-operator"], "/image/binary"),
         (&["logFormat=xml"], "/logFormat"),
         (&["api.service.type=Ingress"], "/api/service/type"),
         (&["api.port=70000"], "/api/port"),
@@ -751,6 +757,190 @@ async fn helm_install_keeps_the_api_token_across_upgrades() {
         "uninstall removes the Secret"
     );
     assert!(deployments.list(&ListParams::default()).await.unwrap().items.is_empty());
+}
+
+/// The chart's pods on the test kubelet: each container's command runs as a host process (the image
+/// is only recorded), so `image.binary` points the chart at the binary under test.
+#[tokio::test]
+async fn helm_install_runs_notebooks_from_the_charts_own_pods() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.namespace("helm-works").await;
+    restrict(cp, &ns);
+    // Pods share the host network: both listening ports must be free.
+    let api_port = free_port();
+    let controller_port = std::iter::repeat_with(free_port).find(|p| *p != api_port).unwrap();
+    let values = [
+        format!("image.binary={BIN}"),
+        "image.repository=registry.example.com/notebook-operator".to_string(),
+        format!("api.port={api_port}"),
+        format!("controller.port={controller_port}"),
+        "controller.defaultImage=quay.io/jupyter/minimal-notebook:test".to_string(),
+        "logFormat=text".to_string(),
+    ];
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    succeed(helm(cp).args(["install", RELEASE, CHART, "--namespace", &ns]).args(helm_values(&values)), None);
+    let installed = Installed { cp, ns: ns.to_string(), uninstalled: false };
+
+    // Both Deployments' pods run, with the service account token the API server injected.
+    let pods: Api<Pod> = ns.api();
+    let operator_pods = || async {
+        let list = pods.list(&ListParams::default().labels("app.kubernetes.io/instance=nbo")).await.ok()?;
+        Some(list.items)
+    };
+    wait_for(RUN_TIMEOUT, "the controller and API pods to run", || async {
+        let items = operator_pods().await?;
+        let running: BTreeSet<String> = items
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .filter(|p| {
+                p.status
+                    .iter()
+                    .flat_map(|s| s.conditions.iter().flatten())
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+            .filter_map(|p| p.metadata.labels.as_ref()?.get("app.kubernetes.io/component").cloned())
+            .collect();
+        (running.len() == 2).then_some(())
+    })
+    .await;
+    for pod in operator_pods().await.expect("list pods") {
+        let spec = pod.spec.expect("spec");
+        assert_eq!(spec.containers[0].command.as_ref().unwrap()[0], BIN);
+        assert!(
+            spec.volumes.iter().flatten().any(|v| v.name.starts_with("kube-api-access-")),
+            "in-cluster config: {:?}",
+            spec.volumes
+        );
+        assert!(spec.containers[0].env.iter().flatten().all(|e| e.name != "KUBECONFIG"));
+    }
+    let processes = operator_processes(&ns);
+    assert_eq!(processes.len(), 2, "the controller and the API, as host processes: {processes:?}");
+
+    // The token as NOTES.txt reads it.
+    let encoded = succeed(
+        cp.kubectl().args([
+            "get",
+            "secret",
+            &format!("{FULLNAME}-api-token"),
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.data.token}",
+        ]),
+        None,
+    );
+    let token = String::from_utf8(
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded.trim()).expect("base64"),
+    )
+    .expect("utf-8 token");
+
+    let base = format!("http://127.0.0.1:{api_port}");
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    wait_for(Duration::from_secs(60), "the API pod to listen", || async {
+        http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    let refused = http.post(format!("{base}/start")).send().await.unwrap();
+    assert_eq!(refused.status(), 401, "/start needs the token");
+    let call = |method: reqwest::Method, path: &str| {
+        http.request(method, format!("{base}{path}")).bearer_auth(&token)
+    };
+    let started = call(reqwest::Method::POST, "/start").send().await.unwrap();
+    assert_eq!(started.status(), 200);
+    let started: Value = started.json().await.unwrap();
+    let id = started["id"].as_str().expect("an id").to_string();
+    let done = wait_for(RUN_TIMEOUT, "the run started through the API pod to finish", || async {
+        let p: Value = call(reqwest::Method::GET, &format!("/progress?task_id={id}"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        matches!(p["status"].as_str(), Some("SUCCESS" | "FAILURE" | "REVOKED")).then_some(p)
+    })
+    .await;
+    assert_eq!(done["status"], "SUCCESS", "{done}");
+    let summary = call(reqwest::Method::GET, &format!("/output?task_id={id}")).send().await.unwrap();
+    assert_eq!(summary.status(), 200);
+    let summary = summary.text().await.unwrap();
+    assert!(summary.contains("success"), "{summary}");
+    let controller_metrics = http.get(format!("http://127.0.0.1:{controller_port}/metrics")).send().await;
+    assert!(
+        controller_metrics.is_ok_and(|r| r.status().is_success()),
+        "the controller pod serves /metrics on controller.port"
+    );
+
+    // Uninstalling deletes the pods, and the kubelet stops their processes.
+    installed.uninstall();
+    wait_for(Duration::from_secs(60), "the operator's pods to be deleted", || async {
+        operator_pods().await.is_some_and(|items| items.is_empty())
+    })
+    .await;
+    wait_for(Duration::from_secs(30), "the operator's processes to exit", || async {
+        operator_processes(&ns).is_empty()
+    })
+    .await;
+}
+
+/// A Helm release of the chart; on failure, prints its pods' logs and uninstalls it.
+struct Installed<'a> {
+    cp: &'a ControlPlane,
+    ns: String,
+    uninstalled: bool,
+}
+
+impl Installed<'_> {
+    fn uninstall(mut self) {
+        self.uninstalled = true;
+        succeed(
+            helm(self.cp).args(["uninstall", RELEASE, "--namespace", &self.ns, "--wait", "--timeout", "60s"]),
+            None,
+        );
+    }
+}
+
+impl Drop for Installed<'_> {
+    fn drop(&mut self) {
+        if self.uninstalled {
+            return;
+        }
+        if std::thread::panicking() {
+            for component in ["controller", "api"] {
+                let out = output(
+                    self.cp.kubectl().args([
+                        "logs",
+                        "-n",
+                        &self.ns,
+                        &format!("deployment/{FULLNAME}-{component}"),
+                        "--tail=60",
+                    ]),
+                    None,
+                );
+                eprintln!(
+                    "--- {component} pod log ---\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    stderr_of(&out)
+                );
+            }
+        }
+        let _ = output(helm(self.cp).args(["uninstall", RELEASE, "--namespace", &self.ns]), None);
+    }
+}
+
+/// Pids of the binary under test running with `--namespace=<ns>`: the chart's containers.
+fn operator_processes(ns: &str) -> Vec<u32> {
+    let flag = format!("--namespace={ns}");
+    fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            (args.first() == Some(&BIN.as_bytes()) && args.contains(&flag.as_bytes())).then_some(pid)
+        })
+        .collect()
 }
 
 // === the chart's RBAC, proven by running the binary as its service accounts ===
