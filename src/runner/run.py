@@ -499,7 +499,8 @@ class Kernel:
         self.dir = tempfile.mkdtemp(prefix="nbop-kernel-")
         self.connection_file = os.path.join(self.dir, "kernel.json")
         # ipykernel: Unix sockets in a private directory (no ports, no TCP); other kernels: TCP on loopback.
-        use_ipc = any("ipykernel" in a for a in spec.argv)
+        # A Unix socket path holds at most 107 bytes: under a deep TMPDIR, use TCP instead.
+        use_ipc = any("ipykernel" in a for a in spec.argv) and len(os.path.join(self.dir, "k-99").encode()) < 100
         info = {
             "transport": "ipc" if use_ipc else "tcp",
             "ip": os.path.join(self.dir, "k") if use_ipc else "127.0.0.1",
