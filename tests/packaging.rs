@@ -843,29 +843,7 @@ async fn helm_install_runs_notebooks_from_the_charts_own_pods() {
     .await;
     let refused = http.post(format!("{base}/start")).send().await.unwrap();
     assert_eq!(refused.status(), 401, "/start needs the token");
-    let call = |method: reqwest::Method, path: &str| {
-        http.request(method, format!("{base}{path}")).bearer_auth(&token)
-    };
-    let started = call(reqwest::Method::POST, "/start").send().await.unwrap();
-    assert_eq!(started.status(), 200);
-    let started: Value = started.json().await.unwrap();
-    let id = started["id"].as_str().expect("an id").to_string();
-    let done = wait_for(RUN_TIMEOUT, "the run started through the API pod to finish", || async {
-        let p: Value = call(reqwest::Method::GET, &format!("/progress?task_id={id}"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        matches!(p["status"].as_str(), Some("SUCCESS" | "FAILURE" | "REVOKED")).then_some(p)
-    })
-    .await;
-    assert_eq!(done["status"], "SUCCESS", "{done}");
-    let summary = call(reqwest::Method::GET, &format!("/output?task_id={id}")).send().await.unwrap();
-    assert_eq!(summary.status(), 200);
-    let summary = summary.text().await.unwrap();
-    assert!(summary.contains("success"), "{summary}");
+    seed_run_succeeds(&http, &base, &token, "the run started through the API pod", || {}).await;
     let controller_metrics = http.get(format!("http://127.0.0.1:{controller_port}/metrics")).send().await;
     assert!(
         controller_metrics.is_ok_and(|r| r.status().is_success()),
@@ -1020,6 +998,39 @@ fn command_of(c: &Container, pod_name: &str, adapt: impl Fn(&str) -> String) -> 
     cmd
 }
 
+/// `/start` with the token, `/progress` until the run ends, which must be SUCCESS with a
+/// success line from `/output`; `each_poll` runs on every poll. Returns the run's id.
+async fn seed_run_succeeds(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    what: &str,
+    mut each_poll: impl FnMut(),
+) -> String {
+    let call = |method: reqwest::Method, path: &str| {
+        http.request(method, format!("{base}{path}")).bearer_auth(token)
+    };
+    let started = call(reqwest::Method::POST, "/start").send().await.unwrap();
+    assert_eq!(started.status(), 200);
+    let started: Value = started.json().await.unwrap();
+    let id = started["id"].as_str().expect("an id").to_string();
+    let done = wait_for(RUN_TIMEOUT, format!("{what} to finish"), || {
+        each_poll();
+        let progress = call(reqwest::Method::GET, &format!("/progress?task_id={id}"));
+        async move {
+            let p: Value = progress.send().await.ok()?.json().await.ok()?;
+            matches!(p["status"].as_str(), Some("SUCCESS" | "FAILURE" | "REVOKED")).then_some(p)
+        }
+    })
+    .await;
+    assert_eq!(done["status"], "SUCCESS", "{done}");
+    let summary = call(reqwest::Method::GET, &format!("/output?task_id={id}")).send().await.unwrap();
+    assert_eq!(summary.status(), 200);
+    let summary = summary.text().await.unwrap();
+    assert!(summary.contains("success"), "{summary}");
+    id
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -1135,25 +1146,11 @@ async fn the_charts_service_accounts_run_notebooks_and_nothing_more() {
     let call = |method: reqwest::Method, path: &str| {
         http.request(method, format!("{base}{path}")).bearer_auth(&token)
     };
-    let started: Value = call(reqwest::Method::POST, "/start").send().await.unwrap().json().await.unwrap();
-    let id = started["id"].as_str().expect("an id").to_string();
-    let done = wait_for(RUN_TIMEOUT, "the API's run to finish", || async {
+    let id = seed_run_succeeds(&http, &base, &token, "the API's run", || {
         api.ensure_running();
         controller.ensure_running();
-        let p: Value = call(reqwest::Method::GET, &format!("/progress?task_id={id}"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        matches!(p["status"].as_str(), Some("SUCCESS" | "FAILURE" | "REVOKED")).then_some(p)
     })
     .await;
-    assert_eq!(done["status"], "SUCCESS", "{done}");
-    let summary = call(reqwest::Method::GET, &format!("/output?task_id={id}")).send().await.unwrap();
-    assert_eq!(summary.status(), 200);
-    assert!(summary.text().await.unwrap().contains("success"));
     let full: Value = call(reqwest::Method::GET, &format!("/output?task_id={id}&full=true"))
         .send()
         .await
