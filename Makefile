@@ -63,6 +63,10 @@ dev-cluster: $(VENV_STAMP)
 fmt:
 	$(CARGO) fmt --check
 
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
 test-unit:
 	$(CARGO) test --locked --lib --bins
 
@@ -78,7 +82,6 @@ test-e2e: $(VENV_STAMP)
 bench: $(VENV_STAMP)
 	$(VENV)/bin/python scripts/bench_local.py
 
-test: $(VENV_STAMP)
-	$(CARGO) fmt --check
+test: $(VENV_STAMP) lint
 	$(VENV)/bin/python -m pytest tests/runner -q -p no:cacheprovider
 	KUBEBUILDER_ASSETS="$(CONTROL_PLANE)" $(CARGO) test --locked --all-targets

@@ -321,8 +321,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(cells_total: u32, cells_completed: u32, current_cell: Option<u32>) -> Self {
-        let percent =
-            if cells_total == 0 { 100 } else { (cells_completed.min(cells_total) * 100) / cells_total };
+        let percent = (cells_completed.min(cells_total) * 100).checked_div(cells_total).unwrap_or(100);
         Self {
             cells_total,
             cells_completed,
@@ -457,10 +456,12 @@ fn bound_schema(node: &mut Value) {
         Value::Object(map) => {
             let preserve = map.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true));
             match map.get("type").and_then(Value::as_str) {
-                Some("string") if !map.contains_key("maxLength") && !map.contains_key("enum") => {
-                    if map.get("format").and_then(Value::as_str) != Some("date-time") {
-                        map.insert("maxLength".into(), json!(DEFAULT_MAX_STRING));
-                    }
+                Some("string")
+                    if !map.contains_key("maxLength")
+                        && !map.contains_key("enum")
+                        && map.get("format").and_then(Value::as_str) != Some("date-time") =>
+                {
+                    map.insert("maxLength".into(), json!(DEFAULT_MAX_STRING));
                 }
                 Some("array") if !map.contains_key("maxItems") => {
                     map.insert("maxItems".into(), json!(DEFAULT_MAX_ITEMS));

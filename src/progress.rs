@@ -74,12 +74,10 @@ pub fn classify(line: &str) -> Line<'_> {
 
 /// The newest progress in a chunk of log text (None if it has no event).
 pub fn latest_progress(log: &str) -> Option<Progress> {
-    log.lines()
-        .filter_map(|l| match classify(l) {
-            Line::Event(e) => Some(e.progress()),
-            _ => None,
-        })
-        .last()
+    log.lines().rev().find_map(|l| match classify(l) {
+        Line::Event(e) => Some(e.progress()),
+        _ => None,
+    })
 }
 
 /// The executed notebook from a log, if it holds a trailer.
@@ -168,7 +166,7 @@ impl TerminationMessage {
             reason: Some(reason),
             ename: self.ename.clone(),
             evalue: self.evalue.clone(),
-            traceback: self.traceback.as_deref().map(|t| strip_ansi(t)).map(|t| keep_tail(&t, 4096)),
+            traceback: self.traceback.as_deref().map(strip_ansi).map(|t| keep_tail(&t, 4096)),
             cell: self.cell,
         })
     }

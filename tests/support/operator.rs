@@ -11,7 +11,10 @@ use super::process;
 
 /// The operator binary cargo built for this test binary (examples that share this module have none).
 pub fn binary() -> &'static str {
-    option_env!("CARGO_BIN_EXE_notebook-operator").expect("only integration tests run the operator binary")
+    match option_env!("CARGO_BIN_EXE_notebook-operator") {
+        Some(path) => path,
+        None => panic!("only integration tests run the operator binary"),
+    }
 }
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
