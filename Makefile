@@ -15,7 +15,7 @@ CONTROL_PLANE = $(shell tests/control-plane/build.sh | tail -n 1)
 
 IMAGE ?= notebook-operator:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
-.PHONY: help run test test-packaging manifests image test-unit test-runner test-local test-e2e control-plane dev-cluster crds fmt lint venv build bench
+.PHONY: help run test lint test-packaging manifests image test-unit test-runner test-local test-e2e control-plane dev-cluster crds fmt lint venv build bench
 
 help:
 	@echo "make run            serve the local backend on $(NOTEBOOK) (http://$(LISTEN)/docs/)"
@@ -26,6 +26,7 @@ help:
 	@echo "make manifests      regenerate deploy/ from charts/notebook-operator"
 	@echo "make image          build the operator image (deploy/Dockerfile; needs a Docker engine)"
 	@echo "make bench          /start -> SUCCESS timings on the local backend"
+	@echo "make lint           cargo fmt --check and clippy with warnings denied (part of make test)"
 
 $(VENV_STAMP): src/runner/requirements.txt tests/runner/requirements.txt
 	$(PYTHON) -m venv $(VENV)
