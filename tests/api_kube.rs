@@ -32,14 +32,35 @@ impl Drop for ApiServer {
     }
 }
 
-async fn start_api(cp: &ControlPlane, ns: &str, admit_timeout: &str) -> ApiServer {
+/// Who admits the runs: a separate controller, nobody, or the same process (`notebook-operator all`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    WithController,
+    WithoutController,
+    All,
+}
+
+async fn start_api(cp: &ControlPlane, ns: &str, mode: Mode) -> ApiServer {
+    let (command, admit_timeout) = match mode {
+        Mode::WithController => ("api", "20s"),
+        Mode::WithoutController => ("api", "3s"),
+        Mode::All => ("all", "20s"),
+    };
     let mut cmd = Command::new(binary());
-    cmd.args(["api", "--listen", "127.0.0.1:0", "--namespace", ns, "--notebook-configmap", "nb"])
+    cmd.args([command, "--listen", "127.0.0.1:0", "--namespace", ns, "--notebook-configmap", "nb"])
         .args(["--image", "quay.io/jupyter/minimal-notebook:test", "--admit-timeout", admit_timeout])
         .env("KUBECONFIG", cp.kubeconfig())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    if mode == Mode::All {
+        cmd.args([
+            "--default-image",
+            "quay.io/jupyter/minimal-notebook:test",
+            "--progress-interval",
+            "300ms",
+        ]);
+    }
     process::contain(&mut cmd);
     let mut child = cmd.spawn().expect("spawn notebook-operator api");
     let stdout = child.stdout.take().expect("stdout");
@@ -91,15 +112,15 @@ struct Env {
     api: ApiServer,
 }
 
-async fn setup(prefix: &str, cells: &[&str], with_controller: bool) -> Env {
+async fn setup(prefix: &str, cells: &[&str], mode: Mode) -> Env {
     let cp = ControlPlane::shared();
     install_crd(cp);
     let ns = cp.namespace(prefix).await;
     let cm: ConfigMap =
         from_json(json!({"metadata": {"name": "nb"}, "data": {"notebook.ipynb": ipynb(cells)}}));
     ns.api::<ConfigMap>().create(&PostParams::default(), &cm).await.unwrap();
-    let op = with_controller.then(|| Operator::start(cp, &ns));
-    let api = start_api(cp, &ns, if with_controller { "20s" } else { "3s" }).await;
+    let op = (mode == Mode::WithController).then(|| Operator::start(cp, &ns));
+    let api = start_api(cp, &ns, mode).await;
     Env { _op: op, ns, api }
 }
 
@@ -110,7 +131,7 @@ async fn runs(ns: &TestNamespace) -> Vec<NotebookRun> {
 #[tokio::test]
 async fn the_seed_flow_runs_a_notebook_run() {
     let cells = ["print('first', flush=True)", "import time; time.sleep(3)", "print('last')"];
-    let env = setup("apiseed", &cells, true).await;
+    let env = setup("apiseed", &cells, Mode::WithController).await;
     use reqwest::Method;
     assert_eq!(env.api.call(Method::GET, "/progress").await, (400, json!({"detail": "The task never ran."})));
     let (code, started) = env.api.call(Method::POST, "/start").await;
@@ -153,7 +174,7 @@ async fn the_seed_flow_runs_a_notebook_run() {
 
 #[tokio::test]
 async fn twenty_simultaneous_starts_admit_exactly_one_run() {
-    let env = setup("apiconcurrent", &["import time; time.sleep(5)"], true).await;
+    let env = setup("apiconcurrent", &["import time; time.sleep(5)"], Mode::WithController).await;
     let calls = (0..20).map(|_| env.api.call(reqwest::Method::POST, "/start"));
     let answers = futures::future::join_all(calls).await;
     let ok: Vec<&Value> = answers.iter().filter(|(c, _)| (200..300).contains(c)).map(|(_, b)| b).collect();
@@ -174,7 +195,9 @@ async fn twenty_simultaneous_starts_admit_exactly_one_run() {
 
 #[tokio::test]
 async fn kill_cancels_the_run() {
-    let env = setup("apikill", &["print('up', flush=True)", "import time; time.sleep(600)"], true).await;
+    let env =
+        setup("apikill", &["print('up', flush=True)", "import time; time.sleep(600)"], Mode::WithController)
+            .await;
     let (code, started) = env.api.call(reqwest::Method::GET, "/start").await;
     assert_eq!(code, 200, "{started}");
     let id = started["id"].as_str().unwrap().to_string();
@@ -197,9 +220,27 @@ async fn kill_cancels_the_run() {
 
 #[tokio::test]
 async fn without_a_controller_start_answers_503_and_leaves_nothing() {
-    let env = setup("apinocontroller", &["print(1)"], false).await;
+    let env = setup("apinocontroller", &["print(1)"], Mode::WithoutController).await;
     let (code, body) = env.api.call(reqwest::Method::POST, "/start").await;
     assert_eq!(code, 503, "{body}");
     assert!(body["detail"].as_str().unwrap().contains("no controller"), "{body}");
     wait_for(RUN_TIMEOUT, "the orphan run removed", || async { runs(&env.ns).await.is_empty() }).await;
+}
+
+#[tokio::test]
+async fn all_serves_and_reconciles_in_one_process_and_stops_on_sigterm() {
+    let mut env = setup("apiall", &["print('all in one')"], Mode::All).await;
+    let (code, started) = env.api.call(reqwest::Method::POST, "/start").await;
+    assert_eq!(code, 200, "{started}");
+    let id = started["id"].as_str().unwrap().to_string();
+    env.api.wait_status(&id, "SUCCESS").await;
+    let pid = env.api.child.id() as i32;
+    // SAFETY: a signal to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let exited = wait_for(RUN_TIMEOUT, "notebook-operator all to exit", || {
+        let status = env.api.child.try_wait();
+        async move { status.ok().flatten() }
+    })
+    .await;
+    assert!(exited.success(), "one shutdown signal stops both halves cleanly: {exited:?}");
 }

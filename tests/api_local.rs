@@ -483,3 +483,33 @@ async fn sigterm_stops_the_active_run_and_records_it_interrupted() {
     let partial = std::fs::read_to_string(data.path().join("runs").join(&id).join("notebook.ipynb")).unwrap();
     assert!(partial.contains("kernel-pid"), "the partial notebook was saved");
 }
+
+#[tokio::test]
+async fn the_resource_api_creates_pages_cancels_and_deletes_runs() {
+    let s = start_server(Options { notebook: &pid_then_sleep(), data_dir: None, token: None }).await;
+    let (code, first) = s.post("/runs", None).await;
+    assert_eq!(code, 201, "{first}");
+    let first = first["id"].as_str().unwrap().to_string();
+    let (code, body) = s.post("/runs", None).await;
+    assert_eq!(code, 409, "Forbid meets a held lock: {body}");
+    let resp = s.http.delete(format!("{}/runs/{first}", s.url)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 409, "an active run is not deleted");
+    let (code, cancelled) = s.post(&format!("/runs/{first}/cancel"), None).await;
+    assert_eq!((code, cancelled["phase"].as_str()), (200, Some("Cancelled")), "{cancelled}");
+
+    let (_, second) = s.post("/runs", None).await;
+    let second = second["id"].as_str().unwrap().to_string();
+    s.post(&format!("/runs/{second}/cancel"), None).await;
+    let (code, page) = s.get("/runs?limit=1").await;
+    assert_eq!(code, 200);
+    assert_eq!(page["items"][0]["id"], second.as_str(), "newest first");
+    let token = page["continue"].as_str().expect("a continue token").to_string();
+    let (_, next) = s.get(&format!("/runs?limit=1&continue={token}")).await;
+    assert_eq!(next["items"][0]["id"], first.as_str());
+    assert!(next["continue"].is_null(), "the last page has no token");
+
+    let resp = s.http.delete(format!("{}/runs/{first}", s.url)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+    assert_eq!(s.get(&format!("/runs/{first}")).await.0, 404);
+    assert!(!s.data_dir.join("runs").join(&first).exists(), "what the run kept is gone");
+}
