@@ -141,7 +141,7 @@ pub async fn run(
                 .into_iter()
                 .filter_map(|g| g.0.as_ref().ok().cloned())
                 .filter(|r| r.namespace() == ns && r.spec.lock == lock)
-                .filter(|r| !r.status.as_ref().and_then(|s| s.phase).is_some_and(RunPhase::is_terminal))
+                .filter(|r| !r.is_finished())
                 .map(|r| ObjectRef::from_obj(&DeserializeGuard(Ok(r))))
                 .collect::<Vec<_>>()
         })
@@ -220,9 +220,7 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<NotebookRun>>, ctx: Arc<Conte
         .runs
         .state()
         .iter()
-        .filter(|g| {
-            g.0.as_ref().is_ok_and(|r| r.status.as_ref().and_then(|s| s.phase) == Some(RunPhase::Running))
-        })
+        .filter(|g| g.0.as_ref().is_ok_and(|r| r.phase() == Some(RunPhase::Running)))
         .count();
     ctx.metrics.set_running(i64::try_from(running).unwrap_or(i64::MAX));
     Ok(action)
@@ -238,7 +236,7 @@ struct Reconciler<'a> {
 
 impl Reconciler<'_> {
     fn phase(&self) -> Option<RunPhase> {
-        self.run.status.as_ref().and_then(|s| s.phase)
+        self.run.phase()
     }
 
     fn status(&self) -> NotebookRunStatus {

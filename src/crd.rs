@@ -84,6 +84,18 @@ pub struct NotebookRunSpec {
     pub ttl_seconds_after_finished: Option<i32>,
 }
 
+impl NotebookRun {
+    /// The run's phase; None until the controller has seen it.
+    pub fn phase(&self) -> Option<RunPhase> {
+        self.status.as_ref().and_then(|s| s.phase)
+    }
+
+    /// Whether the run reached a terminal phase.
+    pub fn is_finished(&self) -> bool {
+        self.phase().is_some_and(RunPhase::is_terminal)
+    }
+}
+
 fn default_lock() -> String {
     DEFAULT_LOCK.to_string()
 }

@@ -24,14 +24,6 @@ pub enum Decision {
     Behind { ahead: String },
 }
 
-fn is_live(run: &NotebookRun) -> bool {
-    !run.status.as_ref().and_then(|s| s.phase).is_some_and(RunPhase::is_terminal)
-}
-
-fn phase(run: &NotebookRun) -> Option<RunPhase> {
-    run.status.as_ref().and_then(|s| s.phase)
-}
-
 /// Creation order: creationTimestamp, then name.
 fn older(a: &NotebookRun, b: &NotebookRun) -> bool {
     let key = |r: &NotebookRun| (r.metadata.creation_timestamp.as_ref().map(|t| t.0), r.name_any());
@@ -71,20 +63,20 @@ pub fn decide<'a>(
         }
         let holder_run = same_lock.iter().find(|r| r.name_any() == holder);
         return match holder_run {
-            Some(h) if is_live(h) && (owner_uid.is_none() || owner_uid == h.uid()) => {
+            Some(h) if !h.is_finished() && (owner_uid.is_none() || owner_uid == h.uid()) => {
                 Decision::HeldBy { holder }
             }
             _ => Decision::Stale { holder },
         };
     }
     // No Lease: a run already executing keeps the lock (its Lease was deleted by hand and will be restored).
-    if let Some(holder) = same_lock.iter().find(|r| phase(r) == Some(RunPhase::Running)) {
+    if let Some(holder) = same_lock.iter().find(|r| r.phase() == Some(RunPhase::Running)) {
         return Decision::HeldBy { holder: holder.name_any() };
     }
     let ahead = same_lock
         .iter()
-        .filter(|r| is_live(r) && !r.spec.cancel && older(r, run))
-        .filter(|r| r.spec.concurrency_policy != crate::crd::ConcurrencyPolicy::Forbid || phase(r).is_none())
+        .filter(|r| !r.is_finished() && !r.spec.cancel && older(r, run))
+        .filter(|r| r.spec.concurrency_policy != crate::crd::ConcurrencyPolicy::Forbid || r.phase().is_none())
         .min_by(|a, b| if older(a, b) { std::cmp::Ordering::Less } else { std::cmp::Ordering::Greater });
     match ahead {
         Some(a) => Decision::Behind { ahead: a.name_any() },

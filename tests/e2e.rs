@@ -113,7 +113,7 @@ impl Env {
 }
 
 fn phase_of(run: &NotebookRun) -> Option<RunPhase> {
-    run.status.as_ref().and_then(|s| s.phase)
+    run.phase()
 }
 
 fn reason_of(run: &NotebookRun) -> Option<Reason> {

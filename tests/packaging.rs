@@ -1043,7 +1043,7 @@ fn inline_run(name: &str, cells: &[&str]) -> NotebookRun {
 }
 
 fn phase_of(run: &NotebookRun) -> Option<RunPhase> {
-    run.status.as_ref().and_then(|s| s.phase)
+    run.phase()
 }
 
 async fn wait_terminal(runs: &Api<NotebookRun>, name: &str, controller: &Running) -> NotebookRun {

@@ -177,16 +177,16 @@ pub fn run_info(run: &NotebookRun) -> RunInfo {
 }
 
 fn admitted(run: &NotebookRun) -> bool {
-    run.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p == RunPhase::Running || p.is_terminal())
+    run.phase() == Some(RunPhase::Running) || run.is_finished()
 }
 
 #[async_trait::async_trait]
 impl Backend for Arc<KubeBackend> {
     async fn start(&self, parameters: Option<Map<String, Value>>) -> Result<RunInfo> {
         // Fast path from the cache; the controller remains the arbiter of the lock.
-        if let Some(active) = self.lock_runs().into_iter().find(|r| {
-            r.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p == RunPhase::Running) && !r.spec.cancel
-        }) {
+        if let Some(active) =
+            self.lock_runs().into_iter().find(|r| r.phase() == Some(RunPhase::Running) && !r.spec.cancel)
+        {
             return Err(BackendError::AlreadyRunning(active.name_any()));
         }
         let id = super::new_run_id();
@@ -234,7 +234,7 @@ impl Backend for Arc<KubeBackend> {
 
     async fn cancel(&self, id: &str) -> Result<RunInfo> {
         let run = self.cached(id).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
-        if run.status.as_ref().and_then(|s| s.phase).is_some_and(RunPhase::is_terminal) {
+        if run.is_finished() {
             return Ok(run_info(&run));
         }
         let patch = json!({"spec": {"cancel": true}});
@@ -242,8 +242,7 @@ impl Backend for Arc<KubeBackend> {
             .patch(id, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(KubeBackend::api_error)?;
-        let terminal =
-            |r: &NotebookRun| r.status.as_ref().and_then(|s| s.phase).is_some_and(RunPhase::is_terminal);
+        let terminal = |r: &NotebookRun| r.is_finished();
         match self.wait_cached(id, self.config.cancel_timeout, terminal).await {
             Some(run) => Ok(run_info(&run)),
             None => self.get(id).await,
@@ -273,7 +272,7 @@ impl Backend for Arc<KubeBackend> {
         let deadline = tokio::time::Instant::now() + self.config.admit_timeout.max(Duration::from_secs(120));
         let pod = loop {
             let run = self.cached(id).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
-            let finished = run.status.as_ref().and_then(|s| s.phase).is_some_and(RunPhase::is_terminal);
+            let finished = run.is_finished();
             let pod = match self.pod_of(&run).await? {
                 Some(name) => pods.get_opt(&name).await.map_err(KubeBackend::api_error)?,
                 None => None,
@@ -313,7 +312,7 @@ impl Backend for Arc<KubeBackend> {
 
     async fn delete(&self, id: &str) -> Result<()> {
         let run = self.cached(id).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
-        if !run.status.as_ref().and_then(|s| s.phase).is_some_and(RunPhase::is_terminal) {
+        if !run.is_finished() {
             return Err(BackendError::Conflict(format!("run {id} is active: cancel it first")));
         }
         self.runs.delete(id, &DeleteParams::background()).await.map_err(KubeBackend::api_error)?;
