@@ -229,10 +229,12 @@ pub enum Reason {
     JobDeleted,
     Interrupted,
     PodFailed,
+    /// An object the run would create exists and is not the run's own.
+    NameConflict,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Self::LockHeld,
         Self::Queued,
         Self::Started,
@@ -250,6 +252,7 @@ impl Reason {
         Self::JobDeleted,
         Self::Interrupted,
         Self::PodFailed,
+        Self::NameConflict,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -271,6 +274,7 @@ impl Reason {
             Self::JobDeleted => "JobDeleted",
             Self::Interrupted => "Interrupted",
             Self::PodFailed => "PodFailed",
+            Self::NameConflict => "NameConflict",
         }
     }
 
@@ -333,7 +337,8 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(cells_total: u32, cells_completed: u32, current_cell: Option<u32>) -> Self {
-        let percent = (cells_completed.min(cells_total) * 100).checked_div(cells_total).unwrap_or(100);
+        let done = u64::from(cells_completed.min(cells_total));
+        let percent = (done * 100).checked_div(u64::from(cells_total)).map_or(100, |p| p as u32);
         Self {
             cells_total,
             cells_completed,
@@ -371,6 +376,9 @@ pub struct OutputRef {
     /// True when the notebook's outputs were cut to fit.
     #[serde(default)]
     pub truncated: bool,
+    /// Why the executed notebook was not kept, when it was not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Kubernetes duration syntax used in `timeouts` (`1h30m`, `90s`, `500ms`).

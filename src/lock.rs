@@ -20,6 +20,8 @@ pub enum Decision {
     Stale { holder: String },
     /// Another live run holds the lock.
     HeldBy { holder: String },
+    /// A Lease of that name that notebook-operator does not manage (never deleted, never cancelled).
+    Foreign { holder: String },
     /// The lock is free but an older run waits for it first (FIFO).
     Behind { ahead: String },
 }
@@ -48,9 +50,7 @@ pub fn decide<'a>(
             == Some(crate::job::MANAGED_BY);
         if !ours {
             // Someone else's Lease by that name (leader election, say): never ours to delete.
-            return Decision::HeldBy {
-                holder: format!("{holder} (a Lease not managed by notebook-operator)"),
-            };
+            return Decision::Foreign { holder };
         }
         let owner_uid = lease.metadata.owner_references.iter().flatten().map(|o| o.uid.clone()).next();
         if holder == me {
@@ -221,7 +221,7 @@ mod tests {
         let me = run("b", 2, None);
         let mut foreign = lease("someone", "x");
         foreign.metadata.labels = None;
-        assert!(matches!(decide(&me, Some(&foreign), [&me]), Decision::HeldBy { .. }));
+        assert_eq!(decide(&me, Some(&foreign), [&me]), Decision::Foreign { holder: "someone".into() });
         assert_eq!(
             decide(&me, Some(&lease("b", "uid-of-a-deleted-b")), [&me]),
             Decision::Stale { holder: "b".into() }

@@ -12,6 +12,9 @@ pub const PROGRESS_PREFIX: &str = "##notebook-operator:progress ";
 pub const TRAILER_PREFIX: &str = "##notebook-operator:notebook ";
 /// Largest executed notebook we decode from a trailer (decompressed).
 pub const MAX_NOTEBOOK_BYTES: u64 = 64 * 1024 * 1024;
+/// Most cells a progress event may claim: a kernel can print anything to fd 1, so events are
+/// checked before they are believed.
+pub const MAX_CELLS: u32 = 100_000;
 
 /// Runner exit codes (DESIGN.md section 6).
 pub mod exit_code {
@@ -37,6 +40,21 @@ pub enum Event {
 }
 
 impl Event {
+    /// Whether the numbers hang together (a forged or garbled line is ignored, not believed).
+    pub fn is_plausible(&self) -> bool {
+        let (total, done, cell) = match *self {
+            Event::Start { cells_total } => (cells_total, 0, None),
+            Event::CellStart { cell, cells_completed, cells_total } => {
+                (cells_total, cells_completed, Some(cell))
+            }
+            Event::CellDone { cell, cells_completed, cells_total } => {
+                (cells_total, cells_completed, Some(cell))
+            }
+            Event::Finished { cells_completed, cells_total, .. } => (cells_total, cells_completed, None),
+        };
+        total <= MAX_CELLS && done <= total && cell.is_none_or(|c| c < MAX_CELLS)
+    }
+
     pub fn progress(&self) -> Progress {
         match *self {
             Event::Start { cells_total } => Progress::new(cells_total, 0, None),
@@ -63,7 +81,9 @@ pub fn classify(line: &str) -> Line<'_> {
     let line = line.trim_end_matches(['\r', '\n']);
     // Pod logs may carry a timestamp prefix; the runner's own lines start at column 0.
     if let Some(json) = line.strip_prefix(PROGRESS_PREFIX) {
-        if let Ok(event) = serde_json::from_str(json) {
+        if let Ok(event) = serde_json::from_str::<Event>(json)
+            && event.is_plausible()
+        {
             return Line::Event(event);
         }
     } else if let Some(data) = line.strip_prefix(TRAILER_PREFIX) {
@@ -253,6 +273,22 @@ mod tests {
             Line::Output("##notebook-operator:progress {broken")
         );
         assert_eq!(classify("##notebook-operator:notebook abc"), Line::Trailer("abc"));
+    }
+
+    #[test]
+    fn forged_or_garbled_events_are_not_believed() {
+        let max = u32::MAX;
+        for json in [
+            format!(r#"{{"event":"cell_done","cell":1,"cellsCompleted":{max},"cellsTotal":{max}}}"#),
+            r#"{"event":"cell_done","cell":1,"cellsCompleted":5,"cellsTotal":4}"#.to_string(),
+            format!(r#"{{"event":"cell_start","cell":{max},"cellsCompleted":0,"cellsTotal":4}}"#),
+        ] {
+            let line = format!("{PROGRESS_PREFIX}{json}");
+            assert!(matches!(classify(&line), Line::Output(_)), "{line}");
+        }
+        // Even past the parser, percentages cannot overflow.
+        assert_eq!(Progress::new(max, max, None).percent, 100);
+        assert_eq!(Progress::new(max, max / 2, None).percent, 49);
     }
 
     #[test]

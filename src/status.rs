@@ -5,7 +5,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{Progress, Reason, RunError, RunPhase};
+use crate::crd::{NotebookRunStatus, Progress, Reason, RunError, RunPhase};
 use crate::progress::{self, TerminationMessage};
 
 /// Waiting reasons that mean the pod will not start by itself soon.
@@ -132,6 +132,10 @@ pub fn start_problem(pod: &Pod) -> Option<String> {
 
 /// The run's condition types.
 pub const CONDITION_SUCCEEDED: &str = "Succeeded";
+/// True while the run waits for its pods to stop before it releases the lock.
+pub const CONDITION_STOPPING: &str = "Stopping";
+/// Longest free text the CRD admits in a status string (its default `maxLength`).
+pub const MAX_STATUS_TEXT: usize = 4096;
 
 /// Sets the `Succeeded` condition for a phase; `lastTransitionTime` moves only when its status does.
 pub fn set_condition(
@@ -147,26 +151,81 @@ pub fn set_condition(
         RunPhase::Failed | RunPhase::Cancelled | RunPhase::Rejected => "False",
         _ => "Unknown",
     };
-    let message: String = message.chars().take(32_000).collect();
-    match conditions.iter_mut().find(|c| c.type_ == CONDITION_SUCCEEDED) {
+    upsert_condition(conditions, CONDITION_SUCCEEDED, status, reason.as_str(), message, generation, now);
+}
+
+/// Sets (or replaces) the condition of `type_`; `lastTransitionTime` moves only when its status does.
+pub fn upsert_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Time,
+) {
+    let message = keep_head(message, MAX_STATUS_TEXT);
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(c) => {
             if c.status != status {
                 c.last_transition_time = now;
             }
             c.status = status.into();
-            c.reason = reason.as_str().into();
+            c.reason = reason.into();
             c.message = message;
             c.observed_generation = generation;
         }
         None => conditions.push(Condition {
-            type_: CONDITION_SUCCEEDED.into(),
+            type_: type_.into(),
             status: status.into(),
-            reason: reason.as_str().into(),
+            reason: reason.into(),
             message,
             observed_generation: generation,
             last_transition_time: now,
         }),
     }
+}
+
+/// The first `max` characters of `text`, marked with an ellipsis when cut.
+pub fn keep_head(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut out: String = text.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// Cuts every free-text field to the CRD's bounds, so no status write is refused for its size:
+/// messages keep their start, tracebacks their end (where the error is).
+pub fn bound(status: &mut NotebookRunStatus) {
+    let head = |s: &mut Option<String>| {
+        if let Some(text) = s.as_mut() {
+            *text = keep_head(text, MAX_STATUS_TEXT);
+        }
+    };
+    head(&mut status.message);
+    head(&mut status.blocked_by);
+    if let Some(output) = status.output.as_mut() {
+        head(&mut output.message);
+    }
+    if let Some(error) = status.error.as_mut() {
+        head(&mut error.ename);
+        head(&mut error.evalue);
+        if let Some(tb) = error.traceback.as_mut()
+            && tb.chars().count() > MAX_STATUS_TEXT
+        {
+            *tb = keep_chars_tail(tb, MAX_STATUS_TEXT);
+        }
+    }
+    for c in &mut status.conditions {
+        c.message = keep_head(&c.message, MAX_STATUS_TEXT);
+    }
+}
+
+fn keep_chars_tail(text: &str, max: usize) -> String {
+    let n = text.chars().count();
+    text.chars().skip(n.saturating_sub(max)).collect()
 }
 
 #[cfg(test)]
@@ -187,6 +246,38 @@ mod tests {
             "state": {"terminated": {"exitCode": exit, "reason": reason, "message": message}}}]}}),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn bound_cuts_every_text_to_the_crd_limits() {
+        let long = "é".repeat(10_000);
+        let mut st = NotebookRunStatus {
+            message: Some(long.clone()),
+            error: Some(RunError {
+                evalue: Some(long.clone()),
+                traceback: Some(format!("{long}END")),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        set_condition(
+            &mut st.conditions,
+            RunPhase::Failed,
+            Reason::PodFailed,
+            &long,
+            None,
+            Time(jiff::Timestamp::UNIX_EPOCH),
+        );
+        bound(&mut st);
+        let count = |s: &str| s.chars().count();
+        assert_eq!(count(st.message.as_deref().unwrap()), MAX_STATUS_TEXT);
+        assert!(st.message.as_deref().unwrap().ends_with('…'));
+        let err = st.error.unwrap();
+        assert_eq!(count(err.evalue.as_deref().unwrap()), MAX_STATUS_TEXT);
+        assert!(err.traceback.as_deref().unwrap().ends_with("END"), "the traceback keeps its end");
+        assert_eq!(count(err.traceback.as_deref().unwrap()), MAX_STATUS_TEXT);
+        assert_eq!(count(&st.conditions[0].message), MAX_STATUS_TEXT);
+        assert_eq!(keep_head("short", 10), "short");
     }
 
     #[test]

@@ -1,0 +1,148 @@
+//! Recording what happened: status transitions (server-side apply of the whole status, bounded
+//! to the CRD's limits), the `Stopping` condition, and Events.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::{Api, Resource};
+use serde_json::json;
+use tracing::{debug, info};
+
+use super::{FIELD_MANAGER, Reconciler, Result};
+use crate::crd::{NotebookRun, NotebookRunStatus, Reason, RunPhase};
+use crate::status::{self, CONDITION_STOPPING};
+
+impl Reconciler<'_> {
+    /// The stored status (the cache may lag behind our own last write).
+    pub(super) async fn stored_status(&self) -> Result<NotebookRunStatus> {
+        let runs: Api<NotebookRun> = self.api();
+        Ok(runs.get_status(&self.name()).await?.status.unwrap_or_default())
+    }
+
+    /// Moves the run to `phase` with `reason`: status, condition, Event, metrics.
+    pub(super) async fn transition(
+        &self,
+        phase: RunPhase,
+        reason: Reason,
+        message: String,
+        edit: impl FnOnce(&mut NotebookRunStatus),
+    ) -> Result<()> {
+        // Start from the stored status, and do not repeat a transition an earlier pass already
+        // made (no second Event, metric or startTime).
+        let mut status = self.stored_status().await?;
+        if status.phase == Some(phase) && (phase == RunPhase::Running || phase.is_terminal()) {
+            debug!(phase = phase.as_str(), "transition already made");
+            return Ok(());
+        }
+        let now = Time(jiff::Timestamp::now());
+        status.phase = Some(phase);
+        status.reason = Some(reason);
+        status.message = Some(message.clone());
+        status.observed_generation = self.run.metadata.generation;
+        if phase.is_terminal() {
+            status.completion_time = Some(now.clone());
+            status.blocked_by = None;
+            if status.conditions.iter().any(|c| c.type_ == CONDITION_STOPPING) {
+                let generation = self.run.metadata.generation;
+                let note = "no pod of this run executes any more";
+                status::upsert_condition(
+                    &mut status.conditions,
+                    CONDITION_STOPPING,
+                    "False",
+                    "PodsStopped",
+                    note,
+                    generation,
+                    now.clone(),
+                );
+            }
+        }
+        status::set_condition(
+            &mut status.conditions,
+            phase,
+            reason,
+            &message,
+            self.run.metadata.generation,
+            now,
+        );
+        edit(&mut status);
+        self.apply_status(&mut status).await?;
+        let kind = if matches!(phase, RunPhase::Failed | RunPhase::Rejected) {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        self.event(kind, reason.as_str(), message).await;
+        if phase == RunPhase::Running {
+            self.ctx.metrics.run_started();
+        }
+        if phase.is_terminal() {
+            self.ctx.metrics.run_finished(
+                reason,
+                status.start_time.map(|t| t.0),
+                status.completion_time.map(|t| t.0),
+            );
+        }
+        info!(phase = phase.as_str(), reason = reason.as_str(), "transition");
+        Ok(())
+    }
+
+    /// Says the run waits for its pods to stop before it lets the lock go (condition `Stopping`,
+    /// an Event when what it waits for changes). `stuck` marks pods past their grace period.
+    pub(super) async fn record_stopping(&self, waiting_for: &str, stuck: bool) -> Result<()> {
+        let mut status = self.stored_status().await?;
+        let reason = if stuck { "PodNotStopping" } else { "WaitingForPods" };
+        let message = format!(
+            "{waiting_for}; lock {} stays held until no pod of this run executes",
+            self.run.spec.lock
+        );
+        let unchanged = status.conditions.iter().any(|c| {
+            c.type_ == CONDITION_STOPPING && c.status == "True" && c.reason == reason && c.message == message
+        });
+        if unchanged {
+            return Ok(());
+        }
+        let now = Time(jiff::Timestamp::now());
+        let generation = self.run.metadata.generation;
+        status::upsert_condition(
+            &mut status.conditions,
+            CONDITION_STOPPING,
+            "True",
+            reason,
+            &message,
+            generation,
+            now,
+        );
+        self.apply_status(&mut status).await?;
+        let kind = if stuck { EventType::Warning } else { EventType::Normal };
+        self.event(kind, "Stopping", message).await;
+        Ok(())
+    }
+
+    /// Server-side apply of the whole status: fields this manager no longer sets are removed.
+    pub(super) async fn apply_status(&self, status: &mut NotebookRunStatus) -> Result<()> {
+        status::bound(status);
+        let runs: Api<NotebookRun> = self.api();
+        let patch = json!({
+            "apiVersion": "notebooks.dev/v1alpha1",
+            "kind": "NotebookRun",
+            "metadata": {"name": self.name()},
+            "status": status,
+        });
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        runs.patch_status(&self.name(), &pp, &Patch::Apply(&patch)).await?;
+        Ok(())
+    }
+
+    pub(super) async fn event(&self, type_: EventType, reason: &str, note: String) {
+        let event = KubeEvent {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.ctx.recorder.publish(&event, &self.run.object_ref(&())).await {
+            debug!(error = %e, "could not publish event");
+        }
+    }
+}
