@@ -167,7 +167,11 @@ impl Reconciler<'_> {
                 progress = Some(p);
             }
         }
-        if progress != status.progress || status.pod_name.as_deref() != Some(pod_name.as_str()) {
+        let image_id = runner_image_id(pod).or(status.image_id.clone());
+        if progress != status.progress
+            || status.pod_name.as_deref() != Some(pod_name.as_str())
+            || image_id != status.image_id
+        {
             // Never write a cached (possibly stale) status over a newer one: re-read it.
             let mut status = self.stored_status().await?;
             if status.phase != Some(RunPhase::Running) {
@@ -175,8 +179,16 @@ impl Reconciler<'_> {
             }
             status.progress = progress;
             status.pod_name = Some(pod_name);
+            status.image_id = image_id;
             self.apply_status(&mut status).await?;
         }
         Ok(())
     }
+}
+
+/// The image the runner container runs, as the node reports it (empty until it started).
+fn runner_image_id(pod: &Pod) -> Option<String> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    let id = &statuses.iter().find(|c| c.name == crate::job::CONTAINER)?.image_id;
+    (!id.is_empty()).then(|| id.clone())
 }
