@@ -134,6 +134,13 @@ async fn the_seed_flow_runs_a_notebook_run() {
     let env = setup("apiseed", &cells, Mode::WithController).await;
     use reqwest::Method;
     assert_eq!(env.api.call(Method::GET, "/progress").await, (400, json!({"detail": "The task never ran."})));
+    // An unknown task_id: 400 as the original answered on the seed endpoints, 404 on /runs.
+    let unknown = json!({"detail": "Could not find task nope"});
+    assert_eq!(env.api.call(Method::GET, "/progress?task_id=nope").await, (400, unknown.clone()));
+    assert_eq!(env.api.call(Method::GET, "/output?task_id=nope&full=true").await, (400, unknown.clone()));
+    assert_eq!(env.api.call(Method::POST, "/kill?task_id=nope").await, (400, unknown.clone()));
+    assert_eq!(env.api.call(Method::GET, "/runs/nope").await, (404, unknown.clone()));
+    assert_eq!(env.api.call(Method::POST, "/runs/nope/cancel").await, (404, unknown));
     let (code, started) = env.api.call(Method::POST, "/start").await;
     assert_eq!(code, 200, "{started}");
     assert_eq!(started["status"], "STARTED");
@@ -182,7 +189,7 @@ async fn twenty_simultaneous_starts_admit_exactly_one_run() {
     let id = ok[0]["id"].as_str().unwrap();
     for (code, body) in answers.iter().filter(|(c, _)| *c != 200) {
         assert_eq!(*code, 400, "{body}");
-        assert!(body["detail"].as_str().unwrap().starts_with("Another run is already running: "), "{body}");
+        assert!(body["detail"].as_str().unwrap().starts_with("Another task is already running: "), "{body}");
     }
     // Refused starts leave no record: exactly one NotebookRun, the admitted one.
     wait_for(RUN_TIMEOUT, "rejected runs removed", || async {

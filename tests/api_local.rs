@@ -166,14 +166,21 @@ async fn seed_flow_matches_the_original() {
     assert!(started["date"].is_null());
 
     let (code, again) = s.post("/start", None).await;
-    assert_eq!((code, again), (400, json!({"detail": format!("Another run is already running: {id}")})));
+    assert_eq!((code, again), (400, json!({"detail": format!("Another task is already running: {id}")})));
 
     let (code, body) = s.get("/output").await;
     assert_eq!(code, 400);
     assert!(body["detail"].as_str().unwrap().contains("is in state STARTED"), "{body}");
 
-    let (code, body) = s.get("/progress?task_id=nope").await;
-    assert_eq!((code, body), (404, json!({"detail": "Could not find task nope"})));
+    // An unknown task_id: 400 as the original answered on the seed endpoints, 404 on /runs.
+    let unknown = json!({"detail": "Could not find task nope"});
+    assert_eq!(s.get("/progress?task_id=nope").await, (400, unknown.clone()));
+    assert_eq!(s.get("/output?task_id=nope").await, (400, unknown.clone()));
+    assert_eq!(s.get("/output?task_id=nope&full=true").await, (400, unknown.clone()));
+    assert_eq!(s.post("/kill?task_id=nope", None).await, (400, unknown.clone()));
+    assert_eq!(s.get("/kill?task_id=nope").await, (400, unknown.clone()));
+    assert_eq!(s.get("/runs/nope").await, (404, unknown.clone()));
+    assert_eq!(s.post("/runs/nope/cancel", None).await, (404, unknown));
 
     let done = s.wait_finished(&id).await;
     assert_eq!(done["status"], "SUCCESS", "{done}");

@@ -41,7 +41,7 @@ impl IntoResponse for ApiError {
 impl From<BackendError> for ApiError {
     fn from(e: BackendError) -> Self {
         let status = match &e {
-            BackendError::NotFound(_) => StatusCode::NOT_FOUND,
+            BackendError::NotFound(_) | BackendError::Missing(_) => StatusCode::NOT_FOUND,
             // The original answered 400 when a run was already going.
             BackendError::AlreadyRunning(_) => StatusCode::BAD_REQUEST,
             BackendError::Conflict(_) => StatusCode::CONFLICT,

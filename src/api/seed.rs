@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use super::error::{OptionalJson, QueryParams};
 use super::{ApiError, AppState, ErrorBody};
-use crate::backend::RunInfo;
+use crate::backend::{BackendError, RunInfo};
 use crate::crd::{Progress, Reason, RunPhase};
 
 /// A run in the original's shape, plus where it is.
@@ -81,8 +81,17 @@ pub struct OutputQuery {
 /// The run named by `task_id`, or the current or last one.
 async fn task(state: &AppState, task_id: Option<&str>) -> Result<RunInfo, ApiError> {
     match task_id {
-        Some(id) => Ok(state.backend.get(id).await?),
+        Some(id) => state.backend.get(id).await.map_err(seed_error),
         None => state.backend.latest().await?.ok_or_else(|| ApiError::bad_request("The task never ran.")),
+    }
+}
+
+/// As the original answered: an unknown task is a 400 `Could not find task <id>` on the seed
+/// endpoints (the resource API answers 404).
+fn seed_error(e: BackendError) -> ApiError {
+    match e {
+        BackendError::NotFound(_) => ApiError::bad_request(e.to_string()),
+        e => e.into(),
     }
 }
 
@@ -94,7 +103,7 @@ async fn task(state: &AppState, task_id: Option<&str>) -> Result<RunInfo, ApiErr
     request_body(content = Option<StartBody>, description = "optional parameters", content_type = "application/json"),
     responses(
         (status = 200, description = "the run was admitted", body = SeedTask),
-        (status = 400, description = "another run is already running", body = ErrorBody),
+        (status = 400, description = "`Another task is already running: <id>`", body = ErrorBody),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 413, description = "body over 1 MiB", body = ErrorBody),
         (status = 422, description = "invalid body", body = ErrorBody),
@@ -118,9 +127,8 @@ pub async fn start(
     params(TaskQuery),
     responses(
         (status = 200, description = "the run", body = SeedTask),
-        (status = 400, description = "no run ever ran", body = ErrorBody),
-        (status = 401, description = "missing or wrong token", body = ErrorBody),
-        (status = 404, description = "unknown task_id", body = ErrorBody)
+        (status = 400, description = "unknown task_id (`Could not find task <id>`), or no run ever ran", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody)
     )
 )]
 pub async fn progress(
@@ -139,9 +147,9 @@ pub async fn progress(
     params(OutputQuery),
     responses(
         (status = 200, description = "the output", body = String, content_type = "text/plain"),
-        (status = 400, description = "the run has not finished, or no run ever ran", body = ErrorBody),
+        (status = 400, description = "unknown task_id (`Could not find task <id>`), the run has not finished, or no run ever ran", body = ErrorBody),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
-        (status = 404, description = "unknown task_id, or no executed notebook", body = ErrorBody)
+        (status = 404, description = "no executed notebook, or no log to follow", body = ErrorBody)
     )
 )]
 pub async fn output(
@@ -203,9 +211,8 @@ pub fn output_text(run: &RunInfo) -> String {
     params(TaskQuery),
     responses(
         (status = 200, description = "the run, once the cancel is recorded", body = SeedTask),
-        (status = 400, description = "no run ever ran", body = ErrorBody),
-        (status = 401, description = "missing or wrong token", body = ErrorBody),
-        (status = 404, description = "unknown task_id", body = ErrorBody)
+        (status = 400, description = "unknown task_id (`Could not find task <id>`), or no run ever ran", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody)
     )
 )]
 pub async fn kill(
@@ -213,7 +220,7 @@ pub async fn kill(
     QueryParams(q): QueryParams<TaskQuery>,
 ) -> Result<Json<SeedTask>, ApiError> {
     let run = task(&state, q.task_id.as_deref()).await?;
-    Ok(Json(state.backend.cancel(&run.id).await?.into()))
+    Ok(Json(state.backend.cancel(&run.id).await.map_err(seed_error)?.into()))
 }
 
 /// Liveness, as the original answered it.

@@ -285,12 +285,10 @@ impl Backend for Arc<KubeBackend> {
             match pod {
                 Some(p) if started || finished => break p.name_any(),
                 Some(_) if !follow => {
-                    return Err(BackendError::NotFound(format!("{id} has not started yet: no log to show")));
+                    return Err(BackendError::Missing(format!("{id} has not started yet: no log to show")));
                 }
                 None if finished || !follow => {
-                    return Err(BackendError::NotFound(format!(
-                        "{id} has no pod (any more): no log to show"
-                    )));
+                    return Err(BackendError::Missing(format!("{id} has no pod (any more): no log to show")));
                 }
                 _ if tokio::time::Instant::now() >= deadline => {
                     return Err(BackendError::Unavailable(format!("the pod of {id} did not start in time")));

@@ -55,9 +55,13 @@ pub struct RunPage {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
+    /// No run with this id (the seed endpoints answer it 400, as the original did).
     #[error("Could not find task {0}")]
     NotFound(String),
-    #[error("Another run is already running: {0}")]
+    /// The run exists but what was asked of it does not (yet), e.g. a log before the pod.
+    #[error("{0}")]
+    Missing(String),
+    #[error("Another task is already running: {0}")]
     AlreadyRunning(String),
     #[error("{0}")]
     Conflict(String),
