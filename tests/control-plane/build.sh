@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the integration-test control plane from Go modules, once per version
-# set: kube-apiserver, kube-controller-manager, kubectl, etcd and helm.
+# set: kube-apiserver, kube-controller-manager, kubectl, etcd and helm, plus
+# kubelet and kube-scheduler for the tests' real node.
 #
-# Output: the cache folder holding the five binaries, as the LAST line of
+# Output: the cache folder holding the seven binaries, as the LAST line of
 # stdout (progress goes to stderr). Use it as KUBEBUILDER_ASSETS:
 #     export KUBEBUILDER_ASSETS="$(tests/control-plane/build.sh | tail -n1)"
 #
@@ -11,7 +12,7 @@
 #                        (default: $HOME/.cache/notebook-operator/control-plane)
 #   GOCACHE, GOMODCACHE, GOPROXY, ...  as usual for go
 #
-# A folder that holds all five binaries, each answering its version command
+# A folder that holds all seven binaries, each answering its version command
 # with the pinned version, is reused as is. Otherwise the binaries are built
 # into a temporary folder next to it, checked, then renamed into place, so an
 # interrupted build never leaves a half-filled cache folder. Concurrent runs
@@ -23,11 +24,13 @@ set -euo pipefail
 K8S_VERSION=v1.35.4
 ETCD_VERSION=v3.6.16
 HELM_VERSION=v3.22.0
-CACHE_KEY="k8s-${K8S_VERSION}-etcd-${ETCD_VERSION}-helm-${HELM_VERSION}"
+# "-node": the set includes kubelet and kube-scheduler, so a folder built before
+# they were added is never taken for a complete one.
+CACHE_KEY="k8s-${K8S_VERSION}-etcd-${ETCD_VERSION}-helm-${HELM_VERSION}-node"
 
 CACHE_ROOT="${CONTROL_PLANE_CACHE:-$HOME/.cache/notebook-operator/control-plane}"
 OUT="${CACHE_ROOT}/${CACHE_KEY}"
-BINARIES=(kube-apiserver kube-controller-manager kubectl etcd helm)
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl etcd helm)
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 HERE="$(pwd -P)"
@@ -43,7 +46,7 @@ grep -Eq "^(require )?[[:space:]]*k8s\.io/kubernetes ${K8S_VERSION}( |\$)" kuber
 grep -Eq "^(require )?[[:space:]]*go\.etcd\.io/etcd/server/v3 ${ETCD_VERSION}( |\$)" etcd/go.mod \
   || die "etcd/go.mod does not require go.etcd.io/etcd/server/v3 ${ETCD_VERSION}"
 
-# check DIR: true when DIR holds all five binaries at the pinned versions.
+# check DIR: true when DIR holds all seven binaries at the pinned versions.
 # (Outputs are captured first: `cmd | grep -q` can fail under pipefail when
 # grep exits early and cmd gets SIGPIPE.)
 check() {
@@ -51,10 +54,10 @@ check() {
   for b in "${BINARIES[@]}"; do
     [[ -x "${dir}/${b}" ]] || return 1
   done
-  out="$("${dir}/kube-apiserver" --version 2>/dev/null)" || return 1
-  [[ "${out}" == "Kubernetes ${K8S_VERSION}" ]] || return 1
-  out="$("${dir}/kube-controller-manager" --version 2>/dev/null)" || return 1
-  [[ "${out}" == "Kubernetes ${K8S_VERSION}" ]] || return 1
+  for b in kube-apiserver kube-controller-manager kube-scheduler kubelet; do
+    out="$("${dir}/${b}" --version 2>/dev/null)" || return 1
+    [[ "${out}" == "Kubernetes ${K8S_VERSION}" ]] || return 1
+  done
   out="$("${dir}/kubectl" version --client 2>/dev/null)" || return 1
   [[ $'\n'"${out}"$'\n' == *$'\n'"Client Version: ${K8S_VERSION}"$'\n'* ]] || return 1
   out="$("${dir}/etcd" --version 2>/dev/null)" || return 1
@@ -96,7 +99,7 @@ export GOFLAGS=-mod=readonly
 
 start=${SECONDS}
 
-# --- Kubernetes: kube-apiserver, kube-controller-manager, kubectl ---------
+# --- Kubernetes: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl
 k8s_ver="${K8S_VERSION#v}"
 k8s_major="${k8s_ver%%.*}"
 k8s_minor="${k8s_ver#*.}"
@@ -108,12 +111,14 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   k8s_ldflags+=" -X ${pkg}.gitMinor=${k8s_minor}"
   k8s_ldflags+=" -X ${pkg}.gitTreeState=clean"
 done
-log "building kube-apiserver, kube-controller-manager, kubectl ${K8S_VERSION} (takes a while)"
+log "building kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl ${K8S_VERSION} (takes a while)"
 (
   cd "${HERE}/kubernetes"
   go build -trimpath -buildvcs=false -ldflags "${k8s_ldflags}" -o "${TMP}/" \
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kubelet \
     k8s.io/kubernetes/cmd/kubectl
 ) >&2
 
