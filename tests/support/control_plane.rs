@@ -16,7 +16,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
 use super::certs;
-use super::kubelet::{Kubelet, KubeletConfig};
+use super::kubelet::{ContainerLifetime, Kubelet, KubeletConfig, Lifetimes};
 use super::namespace::TestNamespace;
 use super::process::{self, Daemon};
 use super::wait::try_wait_for;
@@ -59,6 +59,8 @@ struct Info {
     pids: Vec<u32>,
     log_files: Vec<PathBuf>,
     startup: Duration,
+    #[allow(dead_code)]
+    lifetimes: Arc<Lifetimes>,
 }
 
 /// What the control-plane thread owns while the control plane runs.
@@ -212,6 +214,18 @@ impl ControlPlane {
     /// How long the start took, until the `default` service account existed.
     pub fn startup_time(&self) -> Duration {
         self.info.startup
+    }
+
+    /// Every container process the test kubelet ran, in start order: namespace, pod, labels,
+    /// container, and when it started and ended by the monotonic clock (`ended` is `None` while
+    /// it runs). Deleted pods are kept: this is what the node saw, not what the API says now.
+    pub fn container_lifetimes(&self) -> Vec<ContainerLifetime> {
+        self.info.lifetimes.snapshot()
+    }
+
+    /// When the test kubelet started: the origin for printing lifetimes as offsets.
+    pub fn kubelet_started(&self) -> Instant {
+        self.info.lifetimes.origin()
     }
 
     /// Prints a namespace's objects and the log files (see [`TestNamespace`]).
@@ -467,6 +481,7 @@ async fn boot(dir: &Path, assets: &Path) -> anyhow::Result<(Running, Info)> {
         pids: daemons.iter().map(Daemon::pid).collect(),
         log_files: daemons.iter().map(|d| d.log().to_path_buf()).chain([kubelet_log]).collect(),
         startup: started.elapsed(),
+        lifetimes: kubelet.lifetimes(),
     };
     Ok((Running { daemons, kubelet }, info))
 }

@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::ptr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::sync::mpsc;
 
 use super::super::process;
+use super::lifetimes::{self, CONTAINER_MARKER, ContainerLifetime};
 use super::logs::{self, LogFile};
 use super::node::now;
 use super::volumes::Mount;
@@ -25,8 +26,21 @@ use super::{KubeletState, lock};
 const MAX_TERMINATION_MESSAGE: usize = 4096;
 const FALLBACK_LOG_LINES: usize = 80;
 const FALLBACK_LOG_BYTES: usize = 2048;
+/// How long the processes a container left behind get to die after SIGKILL.
+const STRAY_KILL_LIMIT: Duration = Duration::from_secs(5);
+
+/// The pod a container belongs to, for its recorded lifetime.
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub labels: BTreeMap<String, String>,
+}
 
 pub struct Launch {
+    /// Unique per run of a container; marks its processes (see [`CONTAINER_MARKER`]).
+    pub id: String,
+    pub pod: PodRef,
     pub container: String,
     pub argv: Vec<String>,
     pub env: BTreeMap<String, String>,
@@ -68,6 +82,7 @@ pub fn launch(
     cmd.args(args)
         .env_clear()
         .envs(&launch.env)
+        .env(CONTAINER_MARKER, &launch.id)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -76,19 +91,35 @@ pub fn launch(
     unsafe {
         cmd.pre_exec(move || enter_container(&mounts, &working_dir));
     }
+    // Before the spawn, so the recorded interval covers the process's whole life.
+    let spawning = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("start {program}"))?;
     let pid = child.id().context("no pid")? as i32;
     process::track_group(pid);
     lock(&state.groups).insert(pid);
     let started_at = now();
+    let lifetime = state.lifetimes.begin(ContainerLifetime {
+        namespace: launch.pod.namespace.clone(),
+        pod: launch.pod.name.clone(),
+        pod_uid: launch.pod.uid.clone(),
+        labels: launch.pod.labels.clone(),
+        container: launch.container.clone(),
+        started: spawning,
+        ended: None,
+    });
 
     let stdout = child.stdout.take().map(|p| tokio::spawn(logs::pump(p, "stdout", launch.log.clone())));
     let stderr = child.stderr.take().map(|p| tokio::spawn(logs::pump(p, "stderr", launch.log.clone())));
     let state = state.clone();
     tokio::spawn(async move {
         let status = child.wait().await;
-        // Like a container's PID namespace: the rest of the group dies with it.
+        // Like a container's PID namespace: the rest of the group dies with it, and so does
+        // any descendant that left the group (a Jupyter kernel starts its own session).
         process::signal_group(pid, libc::SIGKILL);
+        let log = |message: String| state.log(format!("container {}: {message}", launch.id));
+        lifetimes::kill_marked(&launch.id, STRAY_KILL_LIMIT, log).await;
+        // Before the exit is reported: whoever learns that the container stopped finds it closed.
+        state.lifetimes.end(lifetime, Instant::now());
         process::untrack_group(pid);
         lock(&state.groups).remove(&pid);
         for pump in [stdout, stderr].into_iter().flatten() {

@@ -5,10 +5,12 @@
 //! - `pod`: one worker per pod (lifecycle, restarts, deletion, status);
 //! - `container`: a process in a private mount namespace with its volumes;
 //! - `env`, `volumes`: the container's environment and files;
-//! - `logs`: CRI-style log files and the HTTPS `/containerLogs` endpoint.
+//! - `logs`: CRI-style log files and the HTTPS `/containerLogs` endpoint;
+//! - `lifetimes`: when each container process lived, kept for the kubelet's whole life.
 
 mod container;
 mod env;
+mod lifetimes;
 mod logs;
 mod node;
 mod pod;
@@ -32,6 +34,8 @@ use tokio::task::JoinHandle;
 
 use super::certs::ServingIdentity;
 use super::process;
+
+pub use lifetimes::{ContainerLifetime, Lifetimes};
 
 /// Images from this registry never "pull": the pod shows `ImagePullBackOff`.
 pub const FAILING_REGISTRY: &str = "fail.invalid/";
@@ -67,6 +71,7 @@ pub(crate) struct KubeletState {
     pods: Mutex<HashMap<String, PodEntry>>,
     binding: Mutex<HashSet<String>>,
     groups: Mutex<BTreeSet<i32>>,
+    lifetimes: Arc<Lifetimes>,
 }
 
 struct PodEntry {
@@ -91,6 +96,7 @@ impl Kubelet {
             pods: Mutex::default(),
             binding: Mutex::default(),
             groups: Mutex::default(),
+            lifetimes: Arc::new(Lifetimes::new()),
         });
         node::register(&state).await?;
         let server = logs::serve(listener, &config.identity, state.logs.clone())?;
@@ -101,6 +107,11 @@ impl Kubelet {
             tokio::spawn(watch_pods(state.clone())),
         ];
         Ok(Kubelet { state, tasks })
+    }
+
+    /// Every container process this kubelet ran: shared, it stays readable after [`Kubelet::stop`].
+    pub fn lifetimes(&self) -> Arc<Lifetimes> {
+        self.state.lifetimes.clone()
     }
 
     /// Stops watching and kills every container process.

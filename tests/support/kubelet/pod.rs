@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::super::process;
-use super::container::{self, Exit, Launch};
+use super::container::{self, Exit, Launch, PodRef};
 use super::env::{self, expand};
 use super::node::now;
 use super::volumes::{self, Volumes};
@@ -481,7 +481,15 @@ impl PodWorker {
                 self.dir.join("logs").join(&spec.name).join(format!("{run}.log")),
             )
             .map_err(|e| LaunchError::Start(e.to_string()))?;
+        let id = format!("{}-{}-{run}", self.uid, spec.name);
         let launch = Launch {
+            id: id.clone(),
+            pod: PodRef {
+                namespace: self.namespace.clone(),
+                name: self.name.clone(),
+                uid: self.uid.clone(),
+                labels: self.pod.labels().clone(),
+            },
             container: spec.name.clone(),
             argv,
             env: process_env,
@@ -498,7 +506,7 @@ impl PodWorker {
                 == Some("FallbackToLogsOnError"),
         };
         match container::launch(&self.state, launch, self.exits_tx.clone()) {
-            Ok(pid) => Ok((pid, format!("test-kubelet://{}-{}-{run}", self.uid, spec.name))),
+            Ok(pid) => Ok((pid, format!("test-kubelet://{id}"))),
             Err(e) => {
                 log.close();
                 Err(LaunchError::Start(format!("failed to start container {:?}: {e:#}", spec.name)))
