@@ -16,6 +16,7 @@ use notebook_operator::{NotebookRun, Reason, RunPhase};
 use serde_json::{Value, json};
 
 use support::operator::{Operator, install_crd};
+use support::overlap::{self, Checked, RunLocks};
 use support::{ControlPlane, TestNamespace, from_json, ipynb, wait_for};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -103,6 +104,12 @@ impl Env {
 
     async fn jobs(&self) -> Vec<Job> {
         self.ns.api::<Job>().list(&ListParams::default()).await.expect("list jobs").items
+    }
+
+    /// No two runs of this namespace sharing a lock had a live container at the same instant,
+    /// as the node saw it. The runs are read from the API: these tests delete none.
+    async fn assert_no_overlap(&self) -> Checked {
+        overlap::assert_no_overlap(ControlPlane::shared(), &self.ns, &RunLocks::new()).await
     }
 
     async fn events_for(&self, name: &str) -> Vec<Event> {
@@ -250,6 +257,8 @@ async fn invalid_and_missing_notebooks_fail_without_a_job() {
         "{:?}",
         run.status
     );
+    let checked = env.assert_no_overlap().await;
+    assert_eq!(checked.runs_on("notebook-run"), 1, "only `path` got a container: {checked}");
 }
 
 #[tokio::test]
@@ -331,6 +340,10 @@ async fn a_run_that_cannot_get_a_pod_or_fit_its_inputs_fails_and_frees_the_lock(
     );
     env.wait_lock_free("notebook-run").await;
     assert!(env.jobs().await.is_empty());
+    let checked = overlap::check_no_overlap(ControlPlane::shared(), &env.ns, &RunLocks::new())
+        .await
+        .unwrap_or_else(|broken| panic!("{broken}"));
+    assert_eq!(checked.containers(), 0, "no container ran: {checked}");
 }
 
 #[tokio::test]
@@ -425,6 +438,11 @@ async fn queue_forbid_and_replace() {
     let end = |r: &NotebookRun| r.status.as_ref().unwrap().completion_time.clone().unwrap().0;
     assert!(end(&queued) <= start(&replacer), "queued ran before the replacer");
     env.wait_lock_free("notebook-run").await;
+    let checked = env.assert_no_overlap().await;
+    for ran in ["queued", "replacer"] {
+        assert!(checked.ran("notebook-run", ran), "{ran} had a container: {checked}");
+    }
+    assert!(!checked.ran("notebook-run", "forbidden"), "the rejected run had no container: {checked}");
 }
 
 #[tokio::test]
@@ -467,6 +485,8 @@ async fn twenty_runs_on_one_lock_run_one_at_a_time_in_order() {
         assert!(w[0].2 <= w[1].1, "{} ended at {} after {} started at {}", w[0].3, w[0].2, w[1].3, w[1].1);
     }
     env.wait_lock_free("notebook-run").await;
+    let checked = env.assert_no_overlap().await;
+    assert_eq!(checked.runs_on("notebook-run"), 20, "every run had a container: {checked}");
 }
 
 #[tokio::test]
@@ -513,6 +533,8 @@ async fn a_lease_deleted_by_hand_is_restored_and_admits_no_one_else() {
     assert!(
         holder.status.unwrap().completion_time.unwrap().0 <= waiter.status.unwrap().start_time.unwrap().0
     );
+    let checked = env.assert_no_overlap().await;
+    assert_eq!(checked.runs_on("notebook-run"), 2, "holder and waiter had a container: {checked}");
 }
 
 #[tokio::test]

@@ -25,13 +25,15 @@ pub mod notebook;
 #[cfg(test)]
 #[allow(dead_code)] // used by the operator's test binaries, not by control_plane
 pub mod operator;
+#[allow(dead_code)] // used by the operator's lock tests
+pub mod overlap;
 pub mod process;
 pub mod wait;
 
 #[allow(unused_imports)]
 pub use control_plane::ControlPlane;
 #[allow(unused_imports)]
-pub use kubelet::FAILING_REGISTRY;
+pub use kubelet::{ContainerLifetime, FAILING_REGISTRY};
 #[allow(unused_imports)]
 pub use namespace::TestNamespace;
 #[allow(unused_imports)]
