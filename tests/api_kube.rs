@@ -251,3 +251,55 @@ async fn all_serves_and_reconciles_in_one_process_and_stops_on_sigterm() {
     .await;
     assert!(exited.success(), "one shutdown signal stops both halves cleanly: {exited:?}");
 }
+
+/// A run on the facade's lock, created by someone else (kubectl), with policy Forbid.
+fn foreign_forbid_run(name: &str) -> NotebookRun {
+    from_json(json!({
+        "apiVersion": "notebooks.dev/v1alpha1", "kind": "NotebookRun", "metadata": {"name": name},
+        "spec": {"notebook": {"configMap": {"name": "nb"}}, "concurrencyPolicy": "Forbid",
+                 "image": "quay.io/jupyter/minimal-notebook:test"}
+    }))
+}
+
+#[tokio::test]
+async fn without_task_id_progress_and_kill_address_the_running_run_not_a_newer_refused_one() {
+    let env = setup(
+        "apicurrent",
+        &["print('up', flush=True)", "import time; time.sleep(600)"],
+        Mode::WithController,
+    )
+    .await;
+    let (code, started) = env.api.call(reqwest::Method::POST, "/start").await;
+    assert_eq!(code, 200, "{started}");
+    let id = started["id"].as_str().unwrap().to_string();
+    // Refused on the same lock, created in the same second or later, with a name that sorts
+    // after any UUID: "newest by (creationTimestamp, name)" would pick it.
+    let refused = "zzzz-refused";
+    let runs = env.ns.api::<NotebookRun>();
+    runs.create(&PostParams::default(), &foreign_forbid_run(refused)).await.unwrap();
+    wait_for(RUN_TIMEOUT, "the second run rejected", || async {
+        runs.get(refused).await.ok().filter(|r| r.phase() == Some(notebook_operator::crd::RunPhase::Rejected))
+    })
+    .await;
+
+    let (code, current) = env.api.call(reqwest::Method::GET, "/progress").await;
+    assert_eq!((code, current["id"].as_str()), (200, Some(id.as_str())), "{current}");
+    assert_eq!(current["status"], "STARTED");
+    let (code, killed) = env.api.call(reqwest::Method::POST, "/kill").await;
+    assert_eq!(
+        (code, killed["id"].as_str()),
+        (200, Some(id.as_str())),
+        "/kill cancels the running run: {killed}"
+    );
+    assert_eq!(killed["status"], "REVOKED", "{killed}");
+    assert!(runs.get(&id).await.unwrap().spec.cancel);
+    assert!(!runs.get(refused).await.unwrap().spec.cancel, "the refused run is left alone");
+
+    // Both finished: the last one to finish, not the last one created.
+    let (code, last) = env.api.call(reqwest::Method::GET, "/progress").await;
+    assert_eq!(
+        (code, last["id"].as_str(), last["status"].as_str()),
+        (200, Some(id.as_str()), Some("REVOKED")),
+        "{last}"
+    );
+}

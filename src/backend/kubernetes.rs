@@ -15,7 +15,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::{Map, Value, json};
 use tracing::{info, warn};
 
-use super::{Backend, BackendError, LogStream, Result, RunInfo, RunPage, paginate};
+use super::{Backend, BackendError, LogStream, Result, RunInfo, RunPage, Standing, paginate};
 use crate::crd::{
     ConcurrencyPolicy, ConfigMapNotebook, NotebookRun, NotebookRunSpec, NotebookSource, Reason, RunPhase,
 };
@@ -176,6 +176,16 @@ pub fn run_info(run: &NotebookRun) -> RunInfo {
     }
 }
 
+fn standing(run: &NotebookRun) -> Standing<'_> {
+    let status = run.status.as_ref();
+    Standing {
+        phase: run.phase().unwrap_or(RunPhase::Pending),
+        created_at: run.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        finished_at: status.and_then(|s| s.completion_time.as_ref()).map(|t| t.0),
+        id: run.metadata.name.as_deref().unwrap_or_default(),
+    }
+}
+
 fn admitted(run: &NotebookRun) -> bool {
     run.phase() == Some(RunPhase::Running) || run.is_finished()
 }
@@ -216,10 +226,7 @@ impl Backend for Arc<KubeBackend> {
         Ok(self
             .lock_runs()
             .into_iter()
-            .max_by(|a, b| {
-                (a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.name_any())
-                    .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), b.name_any()))
-            })
+            .max_by(|a, b| standing(a).cmp_current(&standing(b)))
             .map(|r| run_info(&r)))
     }
 

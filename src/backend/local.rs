@@ -20,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufR
 use tokio::sync::{Mutex, watch};
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{Backend, BackendError, LogStream, Result, RunInfo, RunPage, paginate};
+use super::{Backend, BackendError, LogStream, Result, RunInfo, RunPage, Standing, paginate};
 use crate::crd::{Progress, Reason, RunPhase};
 use crate::metrics::Metrics;
 use crate::progress::{self, Line, TerminationMessage};
@@ -409,11 +409,7 @@ impl Backend for Arc<LocalBackend> {
 
     async fn latest(&self) -> Result<Option<RunInfo>> {
         let state = self.state.lock().await;
-        Ok(state
-            .runs
-            .values()
-            .max_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)))
-            .cloned())
+        Ok(state.runs.values().max_by(|a, b| standing(a).cmp_current(&standing(b))).cloned())
     }
 
     async fn get(&self, id: &str) -> Result<RunInfo> {
@@ -506,6 +502,10 @@ fn follow_file(
             }
         }
     }
+}
+
+fn standing(run: &RunInfo) -> Standing<'_> {
+    Standing { phase: run.phase, created_at: Some(run.created_at), finished_at: run.finished_at, id: &run.id }
 }
 
 struct Outcome {

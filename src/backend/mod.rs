@@ -1,6 +1,7 @@
 //! Where runs execute: the `Backend` trait the REST facade is written against, with two
 //! implementations, `kubernetes` (NotebookRuns) and `local` (child processes).
 
+use std::cmp::Ordering;
 use std::pin::Pin;
 
 use bytes::Bytes;
@@ -86,7 +87,7 @@ pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 pub trait Backend: Send + Sync + 'static {
     /// Starts a run now, or fails with `AlreadyRunning` if one holds the lock (policy Forbid).
     async fn start(&self, parameters: Option<Map<String, Value>>) -> Result<RunInfo>;
-    /// The newest run (the current one, or the last one), if any ever ran.
+    /// The current run (see `Standing`), else the last one to finish, if any ever ran.
     async fn latest(&self) -> Result<Option<RunInfo>>;
     async fn get(&self, id: &str) -> Result<RunInfo>;
     async fn list(&self, limit: usize, continue_token: Option<&str>) -> Result<RunPage>;
@@ -99,6 +100,48 @@ pub trait Backend: Send + Sync + 'static {
     async fn delete(&self, id: &str) -> Result<()>;
     /// True once the backend can answer (reflector synced, data dir loaded).
     fn ready(&self) -> bool;
+}
+
+/// What picking the current run looks at, borrowed from a run of either backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Standing<'a> {
+    pub phase: RunPhase,
+    pub created_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    pub id: &'a str,
+}
+
+impl Standing<'_> {
+    /// The order of the seed endpoints without `task_id` (greater = more current): a run holding
+    /// or waiting for the lock (Running, then Queued, then Pending; among equals the oldest, the
+    /// next in line) beats every finished run; finished runs go by completion time, then (times
+    /// have second resolution) a run that ran before a Rejected one, then creation time, then id.
+    /// Never by creation time alone: a run refused in the same second must not hide the real one.
+    pub fn cmp_current(&self, other: &Self) -> Ordering {
+        fn rank(phase: RunPhase) -> u8 {
+            match phase {
+                RunPhase::Running => 3,
+                RunPhase::Queued => 2,
+                RunPhase::Pending => 1,
+                RunPhase::Succeeded | RunPhase::Failed | RunPhase::Cancelled | RunPhase::Rejected => 0,
+            }
+        }
+        let by_rank = rank(self.phase).cmp(&rank(other.phase));
+        if by_rank != Ordering::Equal {
+            return by_rank;
+        }
+        if rank(self.phase) > 0 {
+            (other.created_at, other.id).cmp(&(self.created_at, self.id))
+        } else {
+            let ran = |s: &Self| s.phase != RunPhase::Rejected;
+            (self.finished_at, ran(self), self.created_at, self.id).cmp(&(
+                other.finished_at,
+                ran(other),
+                other.created_at,
+                other.id,
+            ))
+        }
+    }
 }
 
 /// Sorts runs newest first (creation time, then id) and cuts one page after `continue_token`.
@@ -170,5 +213,79 @@ mod tests {
         let second = paginate(runs.clone(), 2, Some("b")).unwrap();
         assert_eq!((second.items.len(), second.continue_token), (1, None));
         assert!(matches!(paginate(runs, 2, Some("gone")), Err(BackendError::InvalidInput(_))));
+    }
+
+    /// A run as `Standing` sees it: id, phase, created and finished (seconds).
+    struct Row(&'static str, RunPhase, i64, Option<i64>);
+
+    fn standing(id: &'static str, phase: RunPhase, created: i64, finished: Option<i64>) -> Row {
+        Row(id, phase, created, finished)
+    }
+
+    fn current(runs: &[Row]) -> &'static str {
+        let at = |s: i64| Timestamp::from_second(s).ok();
+        let of =
+            |r: &Row| Standing { phase: r.1, created_at: at(r.2), finished_at: r.3.and_then(at), id: r.0 };
+        runs.iter().max_by(|a, b| of(a).cmp_current(&of(b))).map(|r| r.0).unwrap_or_default()
+    }
+
+    #[test]
+    fn the_current_run_holds_or_waits_for_the_lock_else_finished_last() {
+        use RunPhase::*;
+        let table: &[(&str, Vec<Row>, &str)] = &[
+            (
+                "a run rejected in the same second does not hide the running one",
+                vec![
+                    standing("a-running", Running, 10, None),
+                    standing("z-rejected", Rejected, 10, Some(10)),
+                ],
+                "a-running",
+            ),
+            (
+                "a newer rejected run does not hide the running one",
+                vec![
+                    standing("a-running", Running, 10, None),
+                    standing("b-rejected", Rejected, 11, Some(11)),
+                ],
+                "a-running",
+            ),
+            (
+                "the holder before the waiting, the waiting before the unadmitted",
+                vec![
+                    standing("pending", Pending, 12, None),
+                    standing("queued", Queued, 11, None),
+                    standing("running", Running, 10, None),
+                ],
+                "running",
+            ),
+            (
+                "among waiting runs, the next in line",
+                vec![standing("second", Queued, 11, None), standing("first", Queued, 10, None)],
+                "first",
+            ),
+            (
+                "queued beats every finished run",
+                vec![standing("queued", Queued, 1, None), standing("done", Succeeded, 50, Some(60))],
+                "queued",
+            ),
+            (
+                "finished runs: the last to finish, not the last created",
+                vec![standing("long", Cancelled, 10, Some(30)), standing("refused", Rejected, 12, Some(12))],
+                "long",
+            ),
+            (
+                "same completion second: the run that ran, not the one refused after it",
+                vec![standing("ran", Cancelled, 10, Some(30)), standing("refused", Rejected, 12, Some(30))],
+                "ran",
+            ),
+            (
+                "same completion second: the newer creation",
+                vec![standing("old", Succeeded, 10, Some(30)), standing("new", Failed, 20, Some(30))],
+                "new",
+            ),
+        ];
+        for (what, runs, want) in table {
+            assert_eq!(current(runs), *want, "{what}");
+        }
     }
 }
