@@ -242,7 +242,9 @@ async fn run_api(args: KubeApiArgs, controller_settings: Option<ControllerSettin
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let token = args.api.token()?;
     let config = args.config(&client);
-    let metrics = Metrics::new();
+    // `/metrics` shows only what this process updates: requests and starts in `api` (runs are
+    // counted by the controller, on its own port); runs too in `all`, whose controller updates them.
+    let metrics = if controller_settings.is_some() { Metrics::with_api() } else { Metrics::api_only() };
     let shutdown = Shutdown::on_signal();
     let listener = tokio::net::TcpListener::bind(&args.api.listen)
         .await
@@ -347,7 +349,8 @@ fn controller_ops(metrics: Metrics, readiness: Readiness) -> axum::Router {
 async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.notebook.is_file(), "notebook {} not found", args.notebook.display());
     let token = args.api.token()?;
-    let metrics = Metrics::new();
+    // The local backend counts runs; the facade counts requests and starts.
+    let metrics = Metrics::with_api();
     // Runs execute in their own directory: a relative interpreter path must not move with them.
     let python =
         if args.python.components().count() > 1 { std::path::absolute(&args.python)? } else { args.python };

@@ -1,5 +1,7 @@
-//! Prometheus metrics, shared by the controller and the local backend. Labels are bounded:
-//! only the closed set of reasons, never names or error strings.
+//! Prometheus metrics of the controller, the local backend and the REST facade. Each process
+//! registers only what it updates (`Metrics::new`, `with_api`, `api_only`): a registry of
+//! zeros nobody updates would pretend. Labels are bounded: the closed set of reasons, the
+//! router's route templates, status classes; never names or error strings.
 
 use std::sync::Arc;
 
@@ -18,6 +20,40 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The route template that matched (`/runs/{id}`), or `unmatched`.
+    pub route: String,
+    /// `2xx`, `4xx`, `5xx`...
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+/// How the facade answered a start (`/start`, `POST /runs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartOutcome {
+    /// A run was admitted (it runs, or ran at once).
+    Admitted,
+    /// Another run holds the lock.
+    Refused,
+    /// Anything else: invalid body, no controller, the API server failing.
+    Failed,
+}
+
+impl StartOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admitted => "admitted",
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
@@ -26,6 +62,8 @@ pub struct Metrics {
     run_duration: Histogram,
     runs_running: Gauge,
     reconcile_errors: Family<ReasonLabel, Counter>,
+    http_requests: Family<RequestLabels, Counter>,
+    api_starts: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -35,18 +73,49 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The run metrics only: the controller (its own /metrics port).
     pub fn new() -> Self {
+        Self::build(true, false)
+    }
+
+    /// Run and REST API metrics: the local backend and `all`, which update both.
+    pub fn with_api() -> Self {
+        Self::build(true, true)
+    }
+
+    /// REST API metrics only: `api`, where runs are the controller's to count.
+    pub fn api_only() -> Self {
+        Self::build(false, true)
+    }
+
+    fn build(runs: bool, api: bool) -> Self {
         let mut registry = Registry::with_prefix("notebook_operator");
         let runs_started = Counter::default();
         let runs_finished = Family::<ReasonLabel, Counter>::default();
         let run_duration = Histogram::new([1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0]);
         let runs_running = Gauge::default();
         let reconcile_errors = Family::<ReasonLabel, Counter>::default();
-        registry.register("runs_started", "Runs that started executing", runs_started.clone());
-        registry.register("runs_finished", "Runs that finished, by reason", runs_finished.clone());
-        registry.register("run_duration_seconds", "Run duration from start to finish", run_duration.clone());
-        registry.register("runs_running", "Runs executing now", runs_running.clone());
-        registry.register("reconcile_errors", "Reconcile errors, by reason", reconcile_errors.clone());
+        let http_requests = Family::<RequestLabels, Counter>::default();
+        let api_starts = Family::<OutcomeLabel, Counter>::default();
+        if runs {
+            registry.register("runs_started", "Runs that started executing", runs_started.clone());
+            registry.register("runs_finished", "Runs that finished, by reason", runs_finished.clone());
+            registry.register(
+                "run_duration_seconds",
+                "Run duration from start to finish",
+                run_duration.clone(),
+            );
+            registry.register("runs_running", "Runs executing now", runs_running.clone());
+            registry.register("reconcile_errors", "Reconcile errors, by reason", reconcile_errors.clone());
+        }
+        if api {
+            registry.register(
+                "http_requests",
+                "REST API requests answered, by route and status class",
+                http_requests.clone(),
+            );
+            registry.register("api_starts", "Starts asked of the REST API, by outcome", api_starts.clone());
+        }
         Self {
             registry: Arc::new(registry),
             runs_started,
@@ -54,7 +123,25 @@ impl Metrics {
             run_duration,
             runs_running,
             reconcile_errors,
+            http_requests,
+            api_starts,
         }
+    }
+
+    /// One answered request; `route` is the router's template, so the label set stays bounded.
+    pub fn http_request(&self, route: &str, status: u16) {
+        let status = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.http_requests.get_or_create(&RequestLabels { route: route.to_string(), status }).inc();
+    }
+
+    pub fn api_start(&self, outcome: StartOutcome) {
+        self.api_starts.get_or_create(&OutcomeLabel { outcome: outcome.as_str() }).inc();
     }
 
     pub fn run_started(&self) {
@@ -86,5 +173,32 @@ impl Metrics {
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_process_shows_only_what_it_updates() {
+        let api = Metrics::api_only();
+        api.http_request("/progress", 400);
+        api.api_start(StartOutcome::Refused);
+        let text = api.render();
+        assert!(
+            text.contains(r#"notebook_operator_http_requests_total{route="/progress",status="4xx"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"notebook_operator_api_starts_total{outcome="refused"} 1"#), "{text}");
+        assert!(!text.contains("runs_started"), "run metrics are the controller's: {text}");
+        let controller = Metrics::new();
+        controller.http_request("/progress", 200);
+        let controller = controller.render();
+        assert!(controller.contains("runs_started") && !controller.contains("http_requests"), "{controller}");
+        let both = Metrics::with_api();
+        both.http_request("/ping", 200);
+        let both = both.render();
+        assert!(both.contains("runs_started") && both.contains("http_requests"), "{both}");
     }
 }

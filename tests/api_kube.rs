@@ -4,6 +4,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -41,6 +42,11 @@ enum Mode {
 }
 
 async fn start_api(cp: &ControlPlane, ns: &str, mode: Mode) -> ApiServer {
+    start_api_as(ns, mode, cp.kubeconfig(), Stdio::inherit()).await
+}
+
+/// `start_api` with the credentials of `kubeconfig`, the facade's log going to `stderr`.
+async fn start_api_as(ns: &str, mode: Mode, kubeconfig: &Path, stderr: Stdio) -> ApiServer {
     let (command, admit_timeout) = match mode {
         Mode::WithController => ("api", "20s"),
         Mode::WithoutController => ("api", "3s"),
@@ -49,10 +55,10 @@ async fn start_api(cp: &ControlPlane, ns: &str, mode: Mode) -> ApiServer {
     let mut cmd = Command::new(binary());
     cmd.args([command, "--listen", "127.0.0.1:0", "--namespace", ns, "--notebook-configmap", "nb"])
         .args(["--image", "quay.io/jupyter/minimal-notebook:test", "--admit-timeout", admit_timeout])
-        .env("KUBECONFIG", cp.kubeconfig())
+        .env("KUBECONFIG", kubeconfig)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(stderr);
     if mode == Mode::All {
         cmd.args([
             "--default-image",
@@ -97,6 +103,12 @@ impl ApiServer {
         (resp.status().as_u16(), resp.text().await.unwrap())
     }
 
+    async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self.http.post(format!("{}{path}", self.url)).json(body).send().await.expect("POST");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
     async fn wait_status(&self, id: &str, status: &str) -> Value {
         wait_for(RUN_TIMEOUT, format!("{id} to be {status}"), || async {
             let (_, run) = self.call(reqwest::Method::GET, &format!("/progress?task_id={id}")).await;
@@ -122,6 +134,15 @@ async fn setup(prefix: &str, cells: &[&str], mode: Mode) -> Env {
     let op = (mode == Mode::WithController).then(|| Operator::start(cp, &ns));
     let api = start_api(cp, &ns, mode).await;
     Env { _op: op, ns, api }
+}
+
+/// The value of one series in a Prometheus text exposition, 0 when absent.
+fn series(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .map(|v| v.trim().parse().expect("a number"))
+        .unwrap_or(0.0)
 }
 
 async fn runs(ns: &TestNamespace) -> Vec<NotebookRun> {
@@ -191,6 +212,24 @@ async fn twenty_simultaneous_starts_admit_exactly_one_run() {
         assert_eq!(*code, 400, "{body}");
         assert!(body["detail"].as_str().unwrap().starts_with("Another task is already running: "), "{body}");
     }
+    // `api` mode shows what the facade updates: its requests and starts, not the controller's runs.
+    let (code, metrics) = env.api.text("/metrics").await;
+    assert_eq!(code, 200);
+    let requests =
+        |class: &str| format!(r#"notebook_operator_http_requests_total{{route="/start",status="{class}"}}"#);
+    assert_eq!(series(&metrics, &requests("2xx")), 1.0, "{metrics}");
+    assert_eq!(series(&metrics, &requests("4xx")), 19.0, "{metrics}");
+    assert_eq!(
+        series(&metrics, r#"notebook_operator_api_starts_total{outcome="admitted"}"#),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        series(&metrics, r#"notebook_operator_api_starts_total{outcome="refused"}"#),
+        19.0,
+        "{metrics}"
+    );
+    assert!(!metrics.contains("runs_started"), "runs are counted by the controller: {metrics}");
     // Refused starts leave no record: exactly one NotebookRun, the admitted one.
     wait_for(RUN_TIMEOUT, "rejected runs removed", || async {
         let all = runs(&env.ns).await;
@@ -302,4 +341,85 @@ async fn without_task_id_progress_and_kill_address_the_running_run_not_a_newer_r
         (200, Some(id.as_str()), Some("REVOKED")),
         "{last}"
     );
+}
+
+/// A kubeconfig for `account` (created with a Role granting `rules`), with a token from the
+/// TokenRequest API.
+async fn service_account_kubeconfig(
+    cp: &ControlPlane,
+    ns: &TestNamespace,
+    account: &str,
+    rules: Value,
+    dir: &Path,
+) -> PathBuf {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let pp = PostParams::default();
+    ns.api::<ServiceAccount>().create(&pp, &from_json(json!({"metadata": {"name": account}}))).await.unwrap();
+    ns.api::<Role>()
+        .create(&pp, &from_json(json!({"metadata": {"name": account}, "rules": rules})))
+        .await
+        .unwrap();
+    let binding = json!({
+        "metadata": {"name": account},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": ns.name()}]
+    });
+    ns.api::<RoleBinding>().create(&pp, &from_json(binding)).await.unwrap();
+    let out =
+        cp.kubectl().args(["create", "token", account, "-n", ns.name(), "--duration=1h"]).output().unwrap();
+    assert!(out.status.success(), "kubectl create token: {}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap();
+    let admin: Value = serde_yaml::from_str(&std::fs::read_to_string(cp.kubeconfig()).unwrap()).unwrap();
+    let ca = admin
+        .pointer("/clusters/0/cluster/certificate-authority-data")
+        .cloned()
+        .expect("the CA in the kubeconfig");
+    let config = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {"server": cp.server(), "certificate-authority-data": ca}}],
+        "users": [{"name": account, "user": {"token": token.trim()}}],
+        "contexts": [{"name": account,
+                      "context": {"cluster": "test", "user": account, "namespace": ns.name()}}],
+        "current-context": account,
+    });
+    let path = dir.join(format!("{account}.kubeconfig"));
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_refused_api_call_answers_a_clear_message_and_logs_the_detail() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.namespace("apiforbidden").await;
+    let dir = tempfile::tempdir().unwrap();
+    // May watch runs (so the facade gets ready) but not create them.
+    let rules = json!([{"apiGroups": ["notebooks.dev"], "resources": ["notebookruns"],
+                        "verbs": ["get", "list", "watch"]}]);
+    let kubeconfig = service_account_kubeconfig(cp, &ns, "watch-only", rules, dir.path()).await;
+    let log_path = dir.path().join("api.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let api = start_api_as(&ns, Mode::WithoutController, &kubeconfig, Stdio::from(log)).await;
+
+    for path in ["/start", "/runs"] {
+        let (code, body) = api.post_json(path, &json!({"parameters": {"x": 1}})).await;
+        assert_eq!(code, 500, "{path}: {body}");
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert_eq!(
+            detail, "the Kubernetes API refused the request (could not create the run); see the facade's log",
+            "{path}"
+        );
+        assert!(
+            !detail.contains("system:serviceaccount"),
+            "{path} does not tell who the facade is: {detail}"
+        );
+    }
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        logged.contains("system:serviceaccount") && logged.contains("forbidden"),
+        "the detail is in the facade's log: {logged}"
+    );
+    let (_, metrics) = api.text("/metrics").await;
+    assert_eq!(series(&metrics, r#"notebook_operator_api_starts_total{outcome="failed"}"#), 2.0, "{metrics}");
 }

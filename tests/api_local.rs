@@ -520,3 +520,50 @@ async fn the_resource_api_creates_pages_cancels_and_deletes_runs() {
     assert_eq!(s.get(&format!("/runs/{first}")).await.0, 404);
     assert!(!s.data_dir.join("runs").join(&first).exists(), "what the run kept is gone");
 }
+
+/// The value of one series in a Prometheus text exposition, 0 when absent.
+fn series(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .map(|v| v.trim().parse().expect("a number"))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_requests_and_starts() {
+    let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None }).await;
+    let requests = |route: &str, class: &str| {
+        format!(r#"notebook_operator_http_requests_total{{route="{route}",status="{class}"}}"#)
+    };
+    let (code, before) = s.text("/metrics").await;
+    assert_eq!(code, 200);
+    assert_eq!(series(&before, &requests("/progress", "4xx")), 0.0, "{before}");
+    s.get("/progress").await;
+    s.get("/progress?task_id=nope").await;
+    let (code, started) = s.post("/start", None).await;
+    assert_eq!(code, 200, "{started}");
+    assert_eq!(s.post("/start", None).await.0, 400);
+    assert_eq!(s.get("/nowhere").await.0, 404);
+    let id = started["id"].as_str().unwrap().to_string();
+    s.wait_finished(&id).await;
+
+    let (_, after) = s.text("/metrics").await;
+    assert_eq!(series(&after, &requests("/progress", "4xx")), 2.0, "{after}");
+    assert_eq!(series(&after, &requests("/start", "2xx")), 1.0, "{after}");
+    assert_eq!(series(&after, &requests("/start", "4xx")), 1.0, "{after}");
+    assert_eq!(series(&after, &requests("unmatched", "4xx")), 1.0, "{after}");
+    assert!(series(&after, &requests("/metrics", "2xx")) >= 1.0, "{after}");
+    assert_eq!(series(&after, r#"notebook_operator_api_starts_total{outcome="admitted"}"#), 1.0, "{after}");
+    assert_eq!(series(&after, r#"notebook_operator_api_starts_total{outcome="refused"}"#), 1.0, "{after}");
+    assert_eq!(
+        series(&after, "notebook_operator_runs_started_total"),
+        1.0,
+        "the local backend counts runs: {after}"
+    );
+    assert_eq!(
+        series(&after, r#"notebook_operator_runs_finished_total{reason="Succeeded"}"#),
+        1.0,
+        "{after}"
+    );
+}

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::error::{OptionalJson, QueryParams};
-use super::seed::{StartBody, text_stream};
+use super::seed::{StartBody, start_run, text_stream};
 use super::{ApiError, AppState, ErrorBody};
 use crate::backend::{BackendError, RunInfo, RunPage};
 
@@ -49,7 +49,7 @@ pub async fn create_run(
     body: OptionalJson<StartBody>,
 ) -> Result<Response, ApiError> {
     let parameters = body.0.unwrap_or_default().parameters;
-    match state.backend.start(parameters).await {
+    match start_run(&state, parameters).await {
         Ok(run) => Ok((StatusCode::CREATED, Json(run)).into_response()),
         Err(e @ BackendError::AlreadyRunning(_)) => Err(ApiError::new(StatusCode::CONFLICT, e.to_string())),
         Err(e) => Err(e.into()),

@@ -13,6 +13,7 @@ use super::error::{OptionalJson, QueryParams};
 use super::{ApiError, AppState, ErrorBody};
 use crate::backend::{BackendError, RunInfo};
 use crate::crd::{Progress, Reason, RunPhase};
+use crate::metrics::StartOutcome;
 
 /// A run in the original's shape, plus where it is.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -95,6 +96,20 @@ fn seed_error(e: BackendError) -> ApiError {
     }
 }
 
+/// Starts a run and counts the outcome (`/start` and `POST /runs`).
+pub(super) async fn start_run(
+    state: &AppState,
+    parameters: Option<Map<String, Value>>,
+) -> Result<RunInfo, BackendError> {
+    let result = state.backend.start(parameters).await;
+    state.metrics.api_start(match &result {
+        Ok(_) => StartOutcome::Admitted,
+        Err(BackendError::AlreadyRunning(_)) => StartOutcome::Refused,
+        Err(_) => StartOutcome::Failed,
+    });
+    result
+}
+
 /// Trigger the execution of the notebook. Fails if an execution is already in progress.
 #[utoipa::path(
     method(get, post),
@@ -115,7 +130,7 @@ pub async fn start(
     body: OptionalJson<StartBody>,
 ) -> Result<Json<SeedTask>, ApiError> {
     let parameters = body.0.unwrap_or_default().parameters;
-    let run = state.backend.start(parameters).await?;
+    let run = start_run(&state, parameters).await?;
     Ok(Json(run.into()))
 }
 

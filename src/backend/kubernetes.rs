@@ -13,7 +13,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Map, Value, json};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{Backend, BackendError, LogStream, Result, RunInfo, RunPage, Standing, paginate};
 use crate::crd::{
@@ -131,16 +131,37 @@ impl KubeBackend {
         }
     }
 
-    fn api_error(e: kube::Error) -> BackendError {
-        match e {
-            kube::Error::Api(ae) if ae.code == 404 => BackendError::NotFound(ae.message),
-            kube::Error::Api(ae) if ae.code == 422 || ae.code == 400 => {
+    /// A failed API call as the facade answers it: the detail (the facade's identity, what the
+    /// API server said) goes to the log only; the answer says what failed and where to look.
+    fn api_error<'a>(run: &'a str, action: &'static str) -> impl FnOnce(kube::Error) -> BackendError + 'a {
+        move |e| match e {
+            kube::Error::Api(ae) if ae.code == 404 => BackendError::NotFound(run.to_string()),
+            // Validation of the facade's own object (e.g. parameters too large): about the request.
+            kube::Error::Api(ae) if ae.code == 400 || ae.code == 422 => {
+                warn!(run, action, code = ae.code, error = %ae.message, "invalid for the Kubernetes API");
                 BackendError::InvalidInput(ae.message)
             }
-            kube::Error::Api(ae) if ae.code == 403 => {
-                BackendError::Internal(format!("the API server refused: {}", ae.message))
+            kube::Error::Api(ae) if ae.code == 429 || ae.code >= 500 => {
+                error!(run, action, code = ae.code, error = %ae.message, "the Kubernetes API failed");
+                BackendError::Unavailable(format!(
+                    "the Kubernetes API is unavailable (could not {action}); \
+                     try again, or see the facade's log"
+                ))
             }
-            e => BackendError::Unavailable(format!("the Kubernetes API is unreachable: {e}")),
+            kube::Error::Api(ae) => {
+                let (code, reason) = (ae.code, &ae.reason);
+                error!(run, action, code, reason, error = %ae.message, "the Kubernetes API refused");
+                BackendError::Internal(format!(
+                    "the Kubernetes API refused the request (could not {action}); see the facade's log"
+                ))
+            }
+            e => {
+                error!(run, action, error = %e, "the Kubernetes API is unreachable");
+                BackendError::Unavailable(format!(
+                    "the Kubernetes API is unreachable (could not {action}); \
+                     try again, or see the facade's log"
+                ))
+            }
         }
     }
 
@@ -150,7 +171,7 @@ impl KubeBackend {
         }
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.config.namespace);
         let lp = ListParams::default().labels(&format!("{}={}", job::RUN_LABEL, run.name_any()));
-        let list = pods.list(&lp).await.map_err(Self::api_error)?;
+        let list = pods.list(&lp).await.map_err(Self::api_error(&run.name_any(), "list the run's pods"))?;
         Ok(list
             .items
             .into_iter()
@@ -202,7 +223,16 @@ impl Backend for Arc<KubeBackend> {
         let id = super::new_run_id();
         let mut run = NotebookRun::new(&id, self.spec(parameters));
         run.metadata.labels = Some([(CREATED_BY_LABEL.to_string(), CREATED_BY_API.to_string())].into());
-        self.runs.create(&PostParams::default(), &run).await.map_err(KubeBackend::api_error)?;
+        self.runs.create(&PostParams::default(), &run).await.map_err(|e| match e {
+            kube::Error::Api(ae) if ae.code == 404 => {
+                error!(run = %id, error = %ae.message, "cannot create runs: namespace or CRD missing");
+                BackendError::Internal(format!(
+                    "cannot create runs in namespace {}: the namespace or the NotebookRun CRD is missing",
+                    self.config.namespace
+                ))
+            }
+            e => KubeBackend::api_error(&id, "create the run")(e),
+        })?;
         let Some(run) = self.wait_cached(&id, self.config.admit_timeout, admitted).await else {
             self.delete_run(&id).await;
             return Err(BackendError::Unavailable(format!(
@@ -248,7 +278,7 @@ impl Backend for Arc<KubeBackend> {
         self.runs
             .patch(id, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map_err(KubeBackend::api_error)?;
+            .map_err(KubeBackend::api_error(id, "cancel the run"))?;
         let terminal = |r: &NotebookRun| r.is_finished();
         match self.wait_cached(id, self.config.cancel_timeout, terminal).await {
             Some(run) => Ok(run_info(&run)),
@@ -264,7 +294,11 @@ impl Backend for Arc<KubeBackend> {
             return Ok(None);
         };
         let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.config.namespace);
-        let Some(cm) = cms.get_opt(&name).await.map_err(KubeBackend::api_error)? else { return Ok(None) };
+        let Some(cm) =
+            cms.get_opt(&name).await.map_err(KubeBackend::api_error(id, "read the executed notebook"))?
+        else {
+            return Ok(None);
+        };
         let gz = cm.binary_data.and_then(|mut d| d.remove(job::OUTPUT_KEY));
         match gz {
             Some(gz) => progress::gunzip(&gz.0).map(Some).map_err(BackendError::internal),
@@ -281,7 +315,9 @@ impl Backend for Arc<KubeBackend> {
             let run = self.cached(id).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
             let finished = run.is_finished();
             let pod = match self.pod_of(&run).await? {
-                Some(name) => pods.get_opt(&name).await.map_err(KubeBackend::api_error)?,
+                Some(name) => {
+                    pods.get_opt(&name).await.map_err(KubeBackend::api_error(id, "read the run's pod"))?
+                }
                 None => None,
             };
             let started = pod
@@ -304,7 +340,12 @@ impl Backend for Arc<KubeBackend> {
             }
         };
         let lp = LogParams { container: Some(job::CONTAINER.into()), follow, ..Default::default() };
-        let reader = pods.log_stream(&pod, &lp).await.map_err(KubeBackend::api_error)?;
+        let reader = pods.log_stream(&pod, &lp).await.map_err(|e| match e {
+            kube::Error::Api(ae) if ae.code == 404 => {
+                BackendError::Missing(format!("{id} has no pod (any more): no log to show"))
+            }
+            e => KubeBackend::api_error(id, "read the pod log")(e),
+        })?;
         // Only what the notebook printed: progress events and the trailer are protocol.
         let lines = reader.lines().try_filter_map(|line| async move {
             Ok(match progress::classify(&line) {
@@ -320,7 +361,10 @@ impl Backend for Arc<KubeBackend> {
         if !run.is_finished() {
             return Err(BackendError::Conflict(format!("run {id} is active: cancel it first")));
         }
-        self.runs.delete(id, &DeleteParams::background()).await.map_err(KubeBackend::api_error)?;
+        self.runs
+            .delete(id, &DeleteParams::background())
+            .await
+            .map_err(KubeBackend::api_error(id, "delete the run"))?;
         Ok(())
     }
 
