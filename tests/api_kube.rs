@@ -423,3 +423,36 @@ async fn a_refused_api_call_answers_a_clear_message_and_logs_the_detail() {
     let (_, metrics) = api.text("/metrics").await;
     assert_eq!(series(&metrics, r#"notebook_operator_api_starts_total{outcome="failed"}"#), 2.0, "{metrics}");
 }
+
+#[tokio::test]
+async fn follow_streams_a_log_with_an_odd_byte_and_a_long_line_to_the_end() {
+    // os.write reaches the pod log as is: a byte that is not UTF-8, then a 200,000-byte line.
+    let cells = [
+        "import os; os.write(1, b'odd \\xff byte\\n')",
+        "print('y' * 200_000, flush=True)",
+        "import time; time.sleep(1)",
+        "print('last line', flush=True)",
+    ];
+    let env = setup("apioddlog", &cells, Mode::WithController).await;
+    let (code, started) = env.api.call(reqwest::Method::POST, "/start").await;
+    assert_eq!(code, 200, "{started}");
+    let id = started["id"].as_str().unwrap().to_string();
+    let resp = env.api.http.get(format!("{}/output?follow=true", env.api.url)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut followed = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(RUN_TIMEOUT, stream.next()).await.expect("a chunk in time") {
+        followed.extend_from_slice(&chunk.expect("the stream never fails"));
+    }
+    let log = String::from_utf8(followed).expect("the streamed log is UTF-8");
+    assert!(log.contains("odd \u{fffd} byte"), "the odd byte is replaced, its line kept");
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 64 * 1024, "lines are cut at 64 KiB: longest {longest}");
+    assert!(
+        log.ends_with("last line\n"),
+        "the stream goes on to the end: {:?}",
+        &log[log.len().saturating_sub(200)..]
+    );
+    let done = env.api.wait_status(&id, "SUCCESS").await;
+    assert_eq!(done["progress"]["percent"], 100, "{done}");
+}

@@ -567,3 +567,77 @@ async fn metrics_count_requests_and_starts() {
         "{after}"
     );
 }
+
+/// A cell writing a byte that is not UTF-8 straight to fd 1 (ipykernel has no
+/// `sys.stdout.buffer`; the raw write reaches the runner's output as is), then a 200,000-byte line.
+const ODD_OUTPUT_NB: [&str; 4] = [
+    "import os; os.write(1, b'odd \\xff byte\\n')",
+    "print('y' * 200_000, flush=True)",
+    "import time; time.sleep(1)",
+    "print('last line', flush=True)",
+];
+
+/// What the local backend keeps of a line: 64 KiB, newline included.
+const MAX_LINE: usize = 64 * 1024;
+
+fn assert_bounded_utf8_log(bytes: &[u8]) -> String {
+    let log = String::from_utf8(bytes.to_vec()).expect("the log is UTF-8, as its content type says");
+    assert!(
+        log.contains("odd \u{fffd} byte"),
+        "the odd byte is replaced, its line kept: {:?}",
+        &log[..log.len().min(300)]
+    );
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < MAX_LINE, "lines are cut at 64 KiB, the rest skipped: longest {longest}");
+    assert!(
+        log.lines().any(|l| l.len() > 60_000 && l.bytes().all(|b| b == b'y')),
+        "the cut line keeps its start"
+    );
+    assert!(
+        log.ends_with("last line\n"),
+        "output after the odd byte and the long line is kept: {:?}",
+        &log[log.len().saturating_sub(200)..]
+    );
+    log
+}
+
+#[tokio::test]
+async fn an_odd_byte_and_a_long_line_stop_neither_progress_nor_output() {
+    let s = start_server(Options { notebook: &notebook(&ODD_OUTPUT_NB), data_dir: None, token: None }).await;
+    let (code, started) = s.post("/start", None).await;
+    assert_eq!(code, 200, "{started}");
+    let id = started["id"].as_str().unwrap().to_string();
+
+    // The live log, followed from the start to the run's end, without an error.
+    let resp = s.http.get(format!("{}/output?follow=true", s.url)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut followed = Vec::new();
+    while let Some(chunk) =
+        tokio::time::timeout(Duration::from_secs(90), stream.next()).await.expect("a chunk in time")
+    {
+        followed.extend_from_slice(&chunk.expect("the stream never fails"));
+    }
+    assert_bounded_utf8_log(&followed);
+
+    let done = s.wait_finished(&id).await;
+    assert_eq!(done["status"], "SUCCESS", "{done}");
+    assert_eq!(done["progress"]["percent"], 100, "{done}");
+    let (code, full) = s.text("/output?full=true").await;
+    assert_eq!(code, 200);
+    let nb: Value = serde_json::from_str(&full).expect("full=true is the executed notebook");
+    assert!(nb["cells"][3]["outputs"].to_string().contains("last line"), "{}", nb["cells"][3]);
+    assert!(
+        nb["cells"][1]["outputs"].to_string().contains(&"y".repeat(200_000)),
+        "the notebook keeps the whole line"
+    );
+
+    let resp = s.http.get(format!("{}/runs/{id}/logs", s.url)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let kept = resp.bytes().await.unwrap();
+    assert_eq!(
+        assert_bounded_utf8_log(&kept),
+        String::from_utf8_lossy(&followed),
+        "the kept log is what was followed"
+    );
+}

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{AsyncBufReadExt, StreamExt, TryStreamExt};
+use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
@@ -15,7 +15,10 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::{Map, Value, json};
 use tracing::{error, info, warn};
 
-use super::{Backend, BackendError, LogStream, Result, RunInfo, RunPage, Standing, paginate};
+use super::{
+    Backend, BackendError, LineSplitter, LogStream, MAX_LINE_BYTES, Result, RunInfo, RunPage, Standing,
+    paginate, read_line_futures,
+};
 use crate::crd::{
     ConcurrencyPolicy, ConfigMapNotebook, NotebookRun, NotebookRunSpec, NotebookSource, Reason, RunPhase,
 };
@@ -346,13 +349,18 @@ impl Backend for Arc<KubeBackend> {
             }
             e => KubeBackend::api_error(id, "read the pod log")(e),
         })?;
-        // Only what the notebook printed: progress events and the trailer are protocol.
-        let lines = reader.lines().try_filter_map(|line| async move {
-            Ok(match progress::classify(&line) {
-                Line::Output(text) => Some(bytes::Bytes::from(format!("{text}\n"))),
-                _ => None,
-            })
-        });
+        // Only what the notebook printed: progress events and the trailer are protocol. Lines are
+        // bounded and decoded lossily: a long line or an odd byte never ends the stream.
+        let lines = async_stream::try_stream! {
+            let mut reader = Box::pin(reader);
+            let mut splitter = LineSplitter::new(MAX_LINE_BYTES);
+            while read_line_futures(&mut reader, &mut splitter).await? {
+                let text = String::from_utf8_lossy(splitter.line());
+                if let Line::Output(out) = progress::classify(&text) {
+                    yield bytes::Bytes::from(format!("{out}\n"));
+                }
+            }
+        };
         Ok(Box::pin(lines))
     }
 

@@ -16,11 +16,14 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Map, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{Mutex, watch};
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{Backend, BackendError, LogStream, Result, RunInfo, RunPage, Standing, paginate};
+use super::{
+    Backend, BackendError, LineSplitter, LogStream, LossyDecoder, MAX_LINE_BYTES, Result, RunInfo, RunPage,
+    Standing, paginate, read_line,
+};
 use crate::crd::{Progress, Reason, RunPhase};
 use crate::metrics::Metrics;
 use crate::progress::{self, Line, TerminationMessage};
@@ -31,6 +34,10 @@ const NOTEBOOK_FILE: &str = "notebook.ipynb";
 const INPUT_FILE: &str = "input.ipynb";
 const PARAMETERS_FILE: &str = "parameters.json";
 const TERMINATION_FILE: &str = "termination.json";
+/// Bytes read from a log file at a time.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Largest termination message read (the runner's is a few KiB; Kubernetes keeps 4 KiB).
+const MAX_TERMINATION_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
@@ -243,22 +250,18 @@ impl LocalBackend {
             }
         };
         let mut lines = BufReader::new(reader);
-        let mut line = Vec::new();
+        let mut splitter = LineSplitter::new(MAX_LINE_BYTES);
         let mut written = 0u64;
-        loop {
-            line.clear();
-            match lines.read_until(b'\n', &mut line).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            let text = String::from_utf8_lossy(&line);
+        // Bounded per line; one odd byte is replaced, never the end of progress or of the log.
+        while let Ok(true) = read_line(&mut lines, &mut splitter).await {
+            let text = String::from_utf8_lossy(splitter.line());
             match progress::classify(&text) {
                 Line::Event(event) => self.update_progress(id, event.progress()).await,
                 Line::Trailer(_) => {} // the runner also wrote the notebook file
                 Line::Output(_) => {
-                    if log.write_all(&line).await.is_ok() {
+                    if log.write_all(text.as_bytes()).await.is_ok() {
                         let _ = log.flush().await;
-                        written += line.len() as u64;
+                        written += text.len() as u64;
                         log_tx.send_replace(written);
                     }
                 }
@@ -279,10 +282,9 @@ impl LocalBackend {
 
     async fn finish(&self, id: &str, status: std::io::Result<std::process::ExitStatus>) {
         let dir = self.run_dir(id);
-        let message = tokio::fs::read_to_string(dir.join(TERMINATION_FILE))
+        let message = read_capped(&dir.join(TERMINATION_FILE), MAX_TERMINATION_BYTES)
             .await
-            .ok()
-            .and_then(|t| TerminationMessage::parse(&t));
+            .and_then(|t| TerminationMessage::parse(&String::from_utf8_lossy(&t)));
         let mut state = self.state.lock().await;
         let active = state.active.take().filter(|a| a.id == id);
         let cancel_requested = active.as_ref().is_some_and(|a| a.cancel_requested);
@@ -470,7 +472,8 @@ impl Backend for Arc<LocalBackend> {
     }
 }
 
-/// Streams a log file from the start; with `live`, keeps reading until the run ends.
+/// Streams a log file from the start, in bounded chunks decoded lossily; with `live`, keeps
+/// reading until the run ends.
 fn follow_file(
     path: PathBuf,
     live: Option<watch::Receiver<u64>>,
@@ -481,19 +484,24 @@ fn follow_file(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => Err(e)?,
         };
-        let mut offset = 0u64;
         let mut live = live;
+        let mut decoder = LossyDecoder::default();
+        let mut buf = vec![0u8; READ_CHUNK_BYTES];
         loop {
             if file.is_none() {
                 file = tokio::fs::File::open(&path).await.ok();
             }
             if let Some(f) = file.as_mut() {
-                f.seek(std::io::SeekFrom::Start(offset)).await?;
-                let mut buf = Vec::new();
-                f.read_to_end(&mut buf).await?;
-                if !buf.is_empty() {
-                    offset += buf.len() as u64;
-                    yield Bytes::from(buf);
+                // The file keeps its position: each pass reads what was appended since the last.
+                loop {
+                    let n = f.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    let text = decoder.decode(&buf[..n]);
+                    if !text.is_empty() {
+                        yield Bytes::from(text);
+                    }
                 }
             }
             let Some(rx) = live.as_mut() else { break };
@@ -501,11 +509,23 @@ fn follow_file(
                 live = None; // run ended: one last read
             }
         }
+        let rest = decoder.finish();
+        if !rest.is_empty() {
+            yield Bytes::from(rest);
+        }
     }
 }
 
 fn standing(run: &RunInfo) -> Standing<'_> {
     Standing { phase: run.phase, created_at: Some(run.created_at), finished_at: run.finished_at, id: &run.id }
+}
+
+/// At most `limit` bytes of a file; None if it cannot be read.
+async fn read_capped(path: &Path, limit: u64) -> Option<Vec<u8>> {
+    let file = tokio::fs::File::open(path).await.ok()?;
+    let mut out = Vec::new();
+    file.take(limit).read_to_end(&mut out).await.ok()?;
+    Some(out)
 }
 
 struct Outcome {

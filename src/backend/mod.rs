@@ -144,6 +144,143 @@ impl Standing<'_> {
     }
 }
 
+/// Longest line read from a run's output (newline included); the rest of a longer line is
+/// skipped, so memory never depends on what a notebook prints.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Cuts a byte stream into lines of at most `max` bytes (newline included), skipping the rest
+/// of a longer line; a cut line still ends with `\n`.
+#[derive(Debug)]
+pub(crate) struct LineSplitter {
+    max: usize,
+    line: Vec<u8>,
+    cut: bool,
+}
+
+impl LineSplitter {
+    pub fn new(max: usize) -> Self {
+        Self { max: max.max(1), line: Vec::new(), cut: false }
+    }
+
+    /// Takes bytes from `buf` up to the end of a line: how many it took, and whether the line
+    /// (in `line()`) is complete. Call `clear()` before the next line.
+    pub fn feed(&mut self, buf: &[u8]) -> (usize, bool) {
+        let (take, ended) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if !self.cut {
+            let room = self.max - self.line.len();
+            self.line.extend_from_slice(&buf[..take.min(room)]);
+            self.cut = take > room;
+        }
+        if ended && self.cut {
+            self.line.truncate(self.max - 1);
+            self.line.push(b'\n');
+        }
+        (take, ended)
+    }
+
+    pub fn line(&self) -> &[u8] {
+        &self.line
+    }
+
+    pub fn clear(&mut self) {
+        self.line.clear();
+        self.cut = false;
+    }
+}
+
+/// The next line of `reader` (see `LineSplitter`); false at the end of the input. A last line
+/// without a newline is still a line.
+pub(crate) async fn read_line<R>(reader: &mut R, lines: &mut LineSplitter) -> std::io::Result<bool>
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
+    use tokio::io::AsyncBufReadExt;
+    lines.clear();
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(!lines.line().is_empty());
+        }
+        let (took, ended) = lines.feed(buf);
+        reader.consume(took);
+        if ended {
+            return Ok(true);
+        }
+    }
+}
+
+/// `read_line` for the futures flavour of `AsyncBufRead` (pod log streams).
+pub(crate) async fn read_line_futures<R>(reader: &mut R, lines: &mut LineSplitter) -> std::io::Result<bool>
+where
+    R: futures::AsyncBufRead + Unpin,
+{
+    use futures::AsyncBufReadExt;
+    lines.clear();
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(!lines.line().is_empty());
+        }
+        let (took, ended) = lines.feed(buf);
+        reader.consume_unpin(took);
+        if ended {
+            return Ok(true);
+        }
+    }
+}
+
+/// Decodes a byte stream chunk by chunk, lossily: an invalid byte becomes U+FFFD and never stops
+/// the stream; a character split between two chunks is kept whole.
+#[derive(Debug, Default)]
+pub(crate) struct LossyDecoder {
+    /// The start of a character whose end is in the next chunk (at most 3 bytes).
+    carry: Vec<u8>,
+}
+
+impl LossyDecoder {
+    pub fn decode(&mut self, chunk: &[u8]) -> String {
+        let mut bytes = std::mem::take(&mut self.carry);
+        bytes.extend_from_slice(chunk);
+        let mut out = String::with_capacity(bytes.len());
+        let mut rest = &bytes[..];
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(valid) => {
+                    out.push_str(valid);
+                    break;
+                }
+                Err(e) => {
+                    let (valid, after) = rest.split_at(e.valid_up_to());
+                    out.push_str(&String::from_utf8_lossy(valid));
+                    match e.error_len() {
+                        Some(n) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            rest = &after[n..];
+                        }
+                        None => {
+                            self.carry = after.to_vec();
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// What is left at the end of the stream: an unfinished character, replaced.
+    pub fn finish(&mut self) -> String {
+        if std::mem::take(&mut self.carry).is_empty() {
+            String::new()
+        } else {
+            char::REPLACEMENT_CHARACTER.to_string()
+        }
+    }
+}
+
 /// Sorts runs newest first (creation time, then id) and cuts one page after `continue_token`.
 pub fn paginate(mut runs: Vec<RunInfo>, limit: usize, continue_token: Option<&str>) -> Result<RunPage> {
     runs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
@@ -287,5 +424,53 @@ mod tests {
         for (what, runs, want) in table {
             assert_eq!(current(runs), *want, "{what}");
         }
+    }
+
+    async fn lines(input: &[u8], max: usize) -> Vec<Vec<u8>> {
+        let mut reader = tokio::io::BufReader::with_capacity(7, input);
+        let mut lines = LineSplitter::new(max);
+        let mut out = Vec::new();
+        while read_line(&mut reader, &mut lines).await.unwrap() {
+            out.push(lines.line().to_vec());
+        }
+        let mut reader = futures::io::BufReader::with_capacity(5, input);
+        let mut again = Vec::new();
+        while read_line_futures(&mut reader, &mut lines).await.unwrap() {
+            again.push(lines.line().to_vec());
+        }
+        assert_eq!(out, again, "both flavours cut alike");
+        out
+    }
+
+    #[tokio::test]
+    async fn lines_are_capped_and_the_rest_skipped() {
+        let long = format!("{}\n", "x".repeat(100));
+        let input = format!("short\n{long}after\nno newline");
+        let got = lines(input.as_bytes(), 16).await;
+        let want: Vec<Vec<u8>> = vec![
+            b"short\n".to_vec(),
+            format!("{}\n", "x".repeat(15)).into_bytes(),
+            b"after\n".to_vec(),
+            b"no newline".to_vec(),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(lines(b"exactly16bytes!\n", 16).await, vec![b"exactly16bytes!\n".to_vec()]);
+        assert!(lines(b"", 16).await.is_empty());
+    }
+
+    #[test]
+    fn decoding_is_lossy_and_keeps_split_characters() {
+        let mut d = LossyDecoder::default();
+        let text = "é€😀".as_bytes();
+        let mut out = String::new();
+        for b in text {
+            out.push_str(&d.decode(std::slice::from_ref(b)));
+        }
+        assert_eq!(out, "é€😀", "characters split byte by byte are kept");
+        assert_eq!(d.decode(b"a\xffb\n"), "a\u{fffd}b\n", "one odd byte is replaced, the rest kept");
+        assert_eq!(d.decode(b"c\xe2\x82"), "c");
+        assert_eq!(d.decode(b"x"), "\u{fffd}x", "a broken sequence is replaced once complete");
+        assert_eq!(d.decode(b"\xe2"), "");
+        assert_eq!(d.finish(), "\u{fffd}", "an unfinished character at the end is replaced");
     }
 }
