@@ -6,10 +6,12 @@
 //! - `container`: a process in a private mount namespace with its volumes;
 //! - `env`, `volumes`: the container's environment and files;
 //! - `logs`: CRI-style log files and the HTTPS `/containerLogs` endpoint;
-//! - `lifetimes`: when each container process lived, kept for the kubelet's whole life.
+//! - `lifetimes`: when each container process lived, kept for the kubelet's whole life;
+//! - `faults`: a slow or unreachable node, a slow pull, late reports, asked for through env.
 
 mod container;
 mod env;
+mod faults;
 mod lifetimes;
 mod logs;
 mod node;
@@ -38,6 +40,9 @@ use super::process;
 pub use lifetimes::{ContainerLifetime, Lifetimes};
 
 /// Images from this registry never "pull": the pod shows `ImagePullBackOff`.
+#[allow(unused_imports)] // the lock tests ask for faults; other binaries do not
+pub use faults::{REPORT_DELAY_ENV, START_DELAY_ENV, STOP_DELAY_ENV};
+
 pub const FAILING_REGISTRY: &str = "fail.invalid/";
 
 pub struct KubeletConfig {

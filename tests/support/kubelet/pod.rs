@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use super::super::process;
 use super::container::{self, Exit, Launch, PodRef};
 use super::env::{self, expand};
+use super::faults::{self, StopDelay};
 use super::node::now;
 use super::volumes::{self, Volumes};
 use super::{FAILING_REGISTRY, KubeletState};
@@ -88,6 +89,12 @@ impl Record {
             ..Default::default()
         }
     }
+}
+
+enum Paused {
+    Done,
+    Deleting,
+    Gone,
 }
 
 enum Wake {
@@ -238,6 +245,14 @@ impl PodWorker {
             }
         }
 
+        if let Some(delay) = faults::start_delay(&self.pod) {
+            self.log(format!("pulling slowly: containers start in {delay:?}"));
+            match self.pause(delay).await {
+                Paused::Gone => return,
+                Paused::Deleting => return self.finish().await,
+                Paused::Done => {}
+            }
+        }
         for i in 0..self.main.len() {
             self.start(Kind::Main, i).await;
         }
@@ -254,6 +269,14 @@ impl PodWorker {
                 Wake::Exit(exit) => {
                     if let Some((Kind::Main, i)) = self.record_exit(exit) {
                         self.schedule_restart(i);
+                        if let Some(delay) = faults::report_delay(&self.pod) {
+                            self.log(format!("reporting the exit {delay:?} late"));
+                            match self.pause(delay).await {
+                                Paused::Gone => return,
+                                Paused::Deleting => return self.finish().await,
+                                Paused::Done => {}
+                            }
+                        }
                     }
                     self.report().await;
                 }
@@ -632,9 +655,41 @@ impl PodWorker {
         Duration::from_secs(seconds.max(0) as u64)
     }
 
+    /// Waits `delay` (container exits are recorded meanwhile, not reported).
+    async fn pause(&mut self, delay: Duration) -> Paused {
+        let until = Instant::now() + delay;
+        let mut deleting = false;
+        loop {
+            match self.next(Some(until)).await {
+                Wake::Timer => return if deleting { Paused::Deleting } else { Paused::Done },
+                Wake::Gone => return Paused::Gone,
+                Wake::Deleting => deleting = true,
+                Wake::Exit(exit) => {
+                    self.record_exit(exit);
+                }
+                Wake::Updated => {}
+            }
+        }
+    }
+
     /// The pod is being deleted: stop it, report its final phase, remove it.
     async fn finish(&mut self) {
         self.log("deleting");
+        match faults::stop_delay(&self.pod) {
+            Some(StopDelay::Never) => {
+                // An unreachable node: nothing is stopped or reported until the pod object is gone.
+                self.log("unreachable: the deletion is not acted upon");
+                while !matches!(self.next(None).await, Wake::Gone) {}
+                return;
+            }
+            Some(StopDelay::After(delay)) => {
+                self.log(format!("slow node: acting on the deletion in {delay:?}"));
+                if let Paused::Gone = self.pause(delay).await {
+                    return;
+                }
+            }
+            None => {}
+        }
         if !self.stop_containers(self.grace_period()).await {
             return;
         }
