@@ -63,6 +63,11 @@ pub struct NotebookRunSpec {
     pub node_selector: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
+    /// Overrides of the pod's security context, for images whose USER is not numeric or is
+    /// root. The rest stays locked down (runAsNonRoot, no privilege escalation, no
+    /// capabilities, seccomp RuntimeDefault).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<RunSecurityContext>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<Timeouts>,
     /// Retries for infrastructure failures only (evictions): a notebook error is never retried.
@@ -137,6 +142,27 @@ pub struct ConfigMapNotebook {
 
 fn default_notebook_key() -> String {
     DEFAULT_NOTEBOOK_KEY.to_string()
+}
+
+/// What a run may change of its pod's security context.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunSecurityContext {
+    /// The user the runner runs as (never 0: the pod keeps runAsNonRoot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2_147_483_647))]
+    pub run_as_user: Option<i64>,
+    /// The primary group of the runner's processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 2_147_483_647))]
+    pub run_as_group: Option<i64>,
+    /// The group that owns the pod's volumes (and a supplementary group of its processes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 2_147_483_647))]
+    pub fs_group: Option<i64>,
+    /// Mount the image read-only; HOME and TMPDIR are on the pod's own writable volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only_root_filesystem: Option<bool>,
 }
 
 /// Durations in Go syntax (`90s`, `10m`, `1h30m`).
@@ -418,7 +444,7 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
 // === CRD generation ===
 
 /// Optional spec fields, compared one by one by the immutability rule.
-const OPTIONAL_SPEC_FIELDS: [&str; 11] = [
+const OPTIONAL_SPEC_FIELDS: [&str; 12] = [
     "image",
     "kernel",
     "parameters",
@@ -428,6 +454,7 @@ const OPTIONAL_SPEC_FIELDS: [&str; 11] = [
     "serviceAccountName",
     "nodeSelector",
     "tolerations",
+    "securityContext",
     "timeouts",
     "ttlSecondsAfterFinished",
 ];
