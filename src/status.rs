@@ -18,6 +18,9 @@ pub const START_PROBLEMS: [&str; 6] = [
     "Unschedulable",
 ];
 
+/// Waiting reasons that no wait can heal: the run fails as soon as its pod shows one.
+pub const START_FAILURES: [&str; 3] = ["CreateContainerConfigError", "InvalidImageName", "ErrImageNeverPull"];
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub phase: RunPhase,
@@ -127,6 +130,24 @@ pub fn start_problem(pod: &Pod) -> Option<String> {
             (c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
                 .then(|| format!("Unschedulable: {}", c.message.clone().unwrap_or_default()))
         })
+    })
+}
+
+/// Why the pod cannot start, if it waits for something that will never come: an image that
+/// runs as root under runAsNonRoot, an image name that cannot be parsed, an image the node does
+/// not have under pull policy Never. A ConfigMap or Secret the container needs may still be
+/// created, so that one waits for the start timeout like an image pull does.
+pub fn start_failure(pod: &Pod) -> Option<String> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find_map(|c| {
+        let w = c.state.as_ref()?.waiting.as_ref()?;
+        let reason = w.reason.as_deref().filter(|r| START_FAILURES.contains(r))?;
+        let message = w.message.as_deref().unwrap_or_default();
+        let lower = message.to_ascii_lowercase();
+        let may_appear = reason == "CreateContainerConfigError"
+            && (lower.contains("configmap") || lower.contains("secret"));
+        (!may_appear)
+            .then(|| if message.is_empty() { reason.to_string() } else { format!("{reason}: {message}") })
     })
 }
 
@@ -326,6 +347,32 @@ mod tests {
             "imageID": "", "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}}))
         .unwrap();
         assert_eq!(start_problem(&p), None);
+    }
+
+    #[test]
+    fn start_failures_are_the_waits_that_cannot_heal() {
+        let waiting = |reason: &str, message: &str| -> Pod {
+            serde_json::from_value(json!({"status": {"containerStatuses": [{"name": "runner", "image": "i",
+                "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": reason, "message": message}}}]}}))
+            .unwrap()
+        };
+        let root = "container has runAsNonRoot and image will run as root (pod: \"p\", container: runner)";
+        assert_eq!(
+            start_failure(&waiting("CreateContainerConfigError", root)),
+            Some(format!("CreateContainerConfigError: {root}"))
+        );
+        assert!(start_failure(&waiting("InvalidImageName", "couldn't parse image name")).is_some());
+        assert!(start_failure(&waiting("ErrImageNeverPull", "image is not present")).is_some());
+        // These may heal: a registry comes back, a ConfigMap or Secret is created.
+        assert_eq!(start_failure(&waiting("ImagePullBackOff", "Back-off pulling image")), None);
+        assert_eq!(start_failure(&waiting("ErrImagePull", "connection refused")), None);
+        assert_eq!(
+            start_failure(&waiting("CreateContainerConfigError", "configmap \"cfg\" not found")),
+            None
+        );
+        assert_eq!(start_failure(&waiting("CreateContainerConfigError", "secret \"s\" not found")), None);
+        assert_eq!(start_failure(&waiting("ContainerCreating", "")), None);
     }
 
     #[test]

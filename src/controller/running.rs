@@ -38,9 +38,10 @@ impl Reconciler<'_> {
             if self.run.spec.cancel {
                 return self.cancelled().await;
             }
-            // Stopped by us for a start timeout (recorded before the Job was deleted), or out of band.
-            if status.reason == Some(Reason::StartTimeout) {
-                return self.fail_now(Reason::StartTimeout, status.message.unwrap_or_default()).await;
+            // Stopped by us because the pod did not or cannot start (recorded before the Job was
+            // deleted), or out of band.
+            if let Some(reason @ (Reason::StartTimeout | Reason::PodFailed)) = status.reason {
+                return self.fail_now(reason, status.message.unwrap_or_default()).await;
             }
             let message = format!("job {job_name} was deleted; it is not recreated");
             return self.fail_now(Reason::JobDeleted, message).await;
@@ -68,8 +69,12 @@ impl Reconciler<'_> {
         Ok(Action::requeue(self.ctx.config.progress_interval))
     }
 
-    /// No pod runs yet (or again): fail with the waiting reason once the start window is over.
+    /// No pod runs yet (or again): fail with the waiting reason once the start window is over,
+    /// or at once when the pod waits for something that will never come.
     async fn waiting_for_start(&self, job: &Job, pod: Option<&Pod>) -> Result<Action> {
+        if let Some(problem) = pod.and_then(status::start_failure) {
+            return self.stop_unstarted(Reason::PodFailed, format!("the pod cannot start: {problem}")).await;
+        }
         let limit = self.start_timeout();
         let now = jiff::Timestamp::now();
         let created = |t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| t.map(|t| t.0);
@@ -97,17 +102,21 @@ impl Reconciler<'_> {
             ),
         };
         let message = format!("the pod did not start within {}s: {problem}", limit.as_secs());
-        // The run fails once its pods are gone; until then the status says why it stops.
+        self.stop_unstarted(Reason::StartTimeout, message).await
+    }
+
+    /// The run fails once its pods are gone; until then the status says why it stops.
+    async fn stop_unstarted(&self, reason: Reason, message: String) -> Result<Action> {
         let mut status = self.stored_status().await?;
-        if status.reason != Some(Reason::StartTimeout) {
-            status.reason = Some(Reason::StartTimeout);
+        if status.reason != Some(reason) {
+            status.reason = Some(reason);
             status.message = Some(message.clone());
             self.apply_status(&mut status).await?;
         }
         if let Some(wait) = self.stop_pods(false).await? {
             return Ok(wait);
         }
-        self.fail_now(Reason::StartTimeout, message).await
+        self.fail_now(reason, message).await
     }
 
     fn start_timeout(&self) -> Duration {
