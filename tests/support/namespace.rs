@@ -14,6 +14,11 @@ use serde::de::DeserializeOwned;
 use super::process;
 
 const DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Above this many custom resources of a kind, the dump shows one line per object, not its YAML
+/// (a soak leaves hundreds).
+const FULL_OBJECTS: usize = 20;
+/// The dump shows the newest events only, at most this many.
+const EVENTS: usize = 300;
 
 /// A namespace created for one test. Derefs to its name.
 ///
@@ -179,6 +184,10 @@ pub async fn dump(client: &Client, ns: &str, log_files: &[PathBuf]) -> String {
     let _ = writeln!(out, "--- events");
     let mut events = list::<Event>(client, ns, &mut out).await;
     events.sort_by_key(|e| e.metadata.creation_timestamp.clone());
+    if events.len() > EVENTS {
+        let _ = writeln!(out, "({} older events left out)", events.len() - EVENTS);
+        events.drain(..events.len() - EVENTS);
+    }
     for e in events {
         let _ = writeln!(
             out,
@@ -247,6 +256,23 @@ async fn dump_custom_resources(client: &Client, ns: &str, out: &mut String) {
             continue;
         }
         let _ = writeln!(out, "--- {}", crd.spec.names.plural);
+        if list.items.len() > FULL_OBJECTS {
+            for object in &list.items {
+                let status = object.data.get("status");
+                let field =
+                    |key: &str| status.and_then(|s| s.get(key)).and_then(|v| v.as_str()).unwrap_or("-");
+                let _ = writeln!(
+                    out,
+                    "{} phase={} reason={} deleting={} finalizers={:?}",
+                    name_of(&object.metadata),
+                    field("phase"),
+                    field("reason"),
+                    object.metadata.deletion_timestamp.is_some(),
+                    object.metadata.finalizers.as_deref().unwrap_or_default(),
+                );
+            }
+            continue;
+        }
         for mut object in list.items {
             object.metadata.managed_fields = None;
             let _ = writeln!(out, "{}", serde_yaml::to_string(&object).unwrap_or_default());
