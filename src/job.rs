@@ -9,8 +9,10 @@ use k8s_openapi::api::batch::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
-    PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecurityContext,
+    Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
@@ -22,6 +24,10 @@ pub const RUN_LABEL: &str = "notebooks.dev/run";
 pub const CONTAINER: &str = "runner";
 pub const INPUTS_DIR: &str = "/run/notebook-operator/inputs";
 pub const WORK_DIR: &str = "/run/notebook-operator/work";
+/// HOME and TMPDIR of the runner and its kernel: on the pod's own emptyDirs, so that they are
+/// writable whatever the image (a read-only root filesystem, a HOME owned by another user).
+pub const HOME_DIR: &str = "/run/notebook-operator/home";
+pub const TMP_DIR: &str = "/run/notebook-operator/tmp";
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
 pub const RUNNER_KEY: &str = "run.py";
 pub const NOTEBOOK_KEY: &str = "notebook.ipynb";
@@ -34,6 +40,70 @@ pub struct JobConfig {
     pub default_image: String,
     /// The interpreter in the image (docker-stacks images: `python3` on PATH).
     pub python: String,
+    /// Resources of runs that name none (`--default-resources`).
+    pub default_resources: Option<ResourceRequirements>,
+    /// The runner container's imagePullPolicy (`--image-pull-policy`); unset, Kubernetes'
+    /// default applies.
+    pub image_pull_policy: Option<String>,
+}
+
+impl JobConfig {
+    pub fn new(default_image: impl Into<String>, python: impl Into<String>) -> Self {
+        Self {
+            default_image: default_image.into(),
+            python: python.into(),
+            default_resources: None,
+            image_pull_policy: None,
+        }
+    }
+}
+
+/// Parses `--default-resources`: either the JSON of a ResourceRequirements
+/// (`{"limits": {"memory": "2Gi"}}`) or comma-separated `requests.NAME=QUANTITY` and
+/// `limits.NAME=QUANTITY` pairs (`requests.cpu=500m,limits.memory=2Gi`).
+pub fn parse_resources(text: &str) -> Result<ResourceRequirements, String> {
+    let text = text.trim();
+    let resources: ResourceRequirements = if text.starts_with('{') {
+        serde_json::from_str(text).map_err(|e| format!("invalid resources JSON: {e}"))?
+    } else {
+        let mut resources = ResourceRequirements::default();
+        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) =
+                pair.split_once('=').ok_or_else(|| format!("{pair:?}: expected requests.NAME=QUANTITY"))?;
+            let (section, name) = match key.trim().split_once('.') {
+                Some(("requests", name)) => (&mut resources.requests, name),
+                Some(("limits", name)) => (&mut resources.limits, name),
+                _ => return Err(format!("{key:?}: expected requests.NAME or limits.NAME")),
+            };
+            section.get_or_insert_default().insert(name.to_string(), Quantity(value.trim().to_string()));
+        }
+        resources
+    };
+    for (name, quantity) in resources.requests.iter().chain(resources.limits.iter()).flatten() {
+        if !is_quantity(&quantity.0) {
+            return Err(format!("{name}: {:?} is not a quantity (e.g. 500m, 2Gi, 1.5)", quantity.0));
+        }
+    }
+    Ok(resources)
+}
+
+/// Kubernetes' quantity syntax: a decimal number, then an optional binary (Ki..Ei), decimal
+/// (n, u, m, k, M..E) or exponent (e3) suffix.
+fn is_quantity(s: &str) -> bool {
+    let unsigned = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let number_end = unsigned.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(unsigned.len());
+    let (number, suffix) = unsigned.split_at(number_end);
+    let digits = number.chars().filter(char::is_ascii_digit).count();
+    let number_ok = digits > 0 && number.matches('.').count() <= 1;
+    let exponent = |e: &str| {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !e.is_empty() && e.chars().all(|c| c.is_ascii_digit())
+    };
+    let suffix_ok = matches!(
+        suffix,
+        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "n" | "u" | "m" | "k" | "M" | "G" | "T" | "P" | "E"
+    ) || suffix.strip_prefix(['e', 'E']).is_some_and(exponent);
+    number_ok && suffix_ok
 }
 
 /// Names of a run's children, derived from the run's name so they are stable across restarts.
@@ -118,7 +188,10 @@ pub fn build(run: &NotebookRun, config: &JobConfig) -> Job {
         Some(p) => p.clone(),
         None => format!("{INPUTS_DIR}/{NOTEBOOK_KEY}"),
     };
+    // No `command`: the image's entrypoint stays (docker-stacks: tini), so the kernel's orphaned
+    // children are reaped and signals are forwarded; the interpreter comes first in `args`.
     let mut args = vec![
+        config.python.clone(),
         format!("{INPUTS_DIR}/{RUNNER_KEY}"),
         "--notebook".into(),
         notebook_path,
@@ -136,31 +209,36 @@ pub fn build(run: &NotebookRun, config: &JobConfig) -> Job {
     if let Some(cell) = spec.timeouts.as_ref().and_then(|t| t.cell.as_deref()).and_then(parse_duration) {
         args.extend(["--cell-timeout".into(), cell.as_secs().max(1).to_string()]);
     }
+    let var =
+        |name: &str, value: String| EnvVar { name: name.into(), value: Some(value), ..Default::default() };
     let mut env = vec![
-        EnvVar { name: "PYTHONUNBUFFERED".into(), value: Some("1".into()), ..Default::default() },
-        EnvVar {
-            name: "JUPYTER_RUNTIME_DIR".into(),
-            value: Some(format!("{WORK_DIR}/runtime")),
-            ..Default::default()
-        },
+        var("PYTHONUNBUFFERED", "1".into()),
+        var("JUPYTER_RUNTIME_DIR", format!("{WORK_DIR}/runtime")),
+        var("HOME", HOME_DIR.into()),
+        var("TMPDIR", TMP_DIR.into()),
     ];
+    // The run's own variables come last: where names repeat, the last one wins.
     env.extend(spec.env.iter().flatten().cloned());
+    let overrides = spec.security_context.clone().unwrap_or_default();
+    let mount = |name: &str, path: &str| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: (name == "inputs").then_some(true),
+        ..Default::default()
+    };
     let container = Container {
         name: CONTAINER.into(),
         image: Some(spec.image.clone().unwrap_or_else(|| config.default_image.clone())),
-        command: Some(vec![config.python.clone()]),
+        image_pull_policy: config.image_pull_policy.clone(),
         args: Some(args),
         env: Some(env),
         env_from: spec.env_from.clone(),
-        resources: spec.resources.clone(),
+        resources: spec.resources.clone().or_else(|| config.default_resources.clone()),
         volume_mounts: Some(vec![
-            VolumeMount {
-                name: "inputs".into(),
-                mount_path: INPUTS_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount { name: "work".into(), mount_path: WORK_DIR.into(), ..Default::default() },
+            mount("inputs", INPUTS_DIR),
+            mount("work", WORK_DIR),
+            mount("home", HOME_DIR),
+            mount("tmp", TMP_DIR),
         ]),
         termination_message_path: Some(TERMINATION_LOG.into()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -168,8 +246,14 @@ pub fn build(run: &NotebookRun, config: &JobConfig) -> Job {
             allow_privilege_escalation: Some(false),
             capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
             run_as_non_root: Some(true),
+            read_only_root_filesystem: overrides.read_only_root_filesystem,
             ..Default::default()
         }),
+        ..Default::default()
+    };
+    let empty_dir = |name: &str| Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Default::default()
     };
     let pod = PodSpec {
@@ -182,6 +266,9 @@ pub fn build(run: &NotebookRun, config: &JobConfig) -> Job {
         tolerations: spec.tolerations.clone(),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
+            run_as_user: overrides.run_as_user,
+            run_as_group: overrides.run_as_group,
+            fs_group: overrides.fs_group,
             seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
             ..Default::default()
         }),
@@ -191,11 +278,9 @@ pub fn build(run: &NotebookRun, config: &JobConfig) -> Job {
                 config_map: Some(ConfigMapVolumeSource { name: inputs_name(run), ..Default::default() }),
                 ..Default::default()
             },
-            Volume {
-                name: "work".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Default::default()
-            },
+            empty_dir("work"),
+            empty_dir("home"),
+            empty_dir("tmp"),
         ]),
         ..Default::default()
     };
@@ -270,10 +355,7 @@ mod tests {
 
     #[test]
     fn job_is_locked_down_and_owned() {
-        let job = build(
-            &run("daily"),
-            &JobConfig { default_image: "jupyter/base:1".into(), python: "python3".into() },
-        );
+        let job = build(&run("daily"), &JobConfig::new("jupyter/base:1", "python3"));
         assert_eq!(job.metadata.name.as_deref(), Some("daily"));
         assert_eq!(job.metadata.owner_references.as_ref().unwrap()[0].controller, Some(true));
         let spec = job.spec.unwrap();
@@ -297,6 +379,103 @@ mod tests {
         assert!(args.contains("--parameters"), "{args}");
         assert_eq!(c.image.as_deref(), Some("jupyter/base:1"));
         assert_eq!(spec.template.metadata.unwrap().labels.unwrap()[RUN_LABEL], "daily");
+    }
+
+    fn container(job: &Job) -> &Container {
+        &job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+    }
+
+    fn env_of(c: &Container, name: &str) -> Option<String> {
+        c.env.iter().flatten().filter(|e| e.name == name).last().and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn the_image_entrypoint_stays_and_home_and_tmpdir_are_writable_volumes() {
+        let job = build(&run("x"), &JobConfig::new("img", "python3"));
+        let c = container(&job);
+        assert_eq!(c.command, None, "the image's entrypoint (tini) must run: it reaps the kernel's orphans");
+        assert_eq!(
+            c.args.as_ref().unwrap()[..2],
+            ["python3".to_string(), format!("{INPUTS_DIR}/{RUNNER_KEY}")]
+        );
+        assert_eq!(env_of(c, "HOME").as_deref(), Some(HOME_DIR));
+        assert_eq!(env_of(c, "TMPDIR").as_deref(), Some(TMP_DIR));
+        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        for (name, path) in [("work", WORK_DIR), ("home", HOME_DIR), ("tmp", TMP_DIR)] {
+            let volume = pod.volumes.iter().flatten().find(|v| v.name == name).unwrap();
+            assert!(volume.empty_dir.is_some(), "{name} is an emptyDir");
+            let m = c.volume_mounts.iter().flatten().find(|m| m.name == name).unwrap();
+            assert_eq!((m.mount_path.as_str(), m.read_only), (path, None));
+        }
+        assert_eq!(c.security_context.as_ref().unwrap().read_only_root_filesystem, None);
+        assert_eq!((c.image_pull_policy.as_ref(), c.resources.as_ref()), (None, None));
+        // A run may set its own HOME: its variables come last.
+        let mut r = run("x");
+        r.spec.env =
+            Some(vec![EnvVar { name: "HOME".into(), value: Some("/home/me".into()), ..Default::default() }]);
+        let job = build(&r, &JobConfig::new("img", "python3"));
+        assert_eq!(env_of(container(&job), "HOME").as_deref(), Some("/home/me"));
+    }
+
+    #[test]
+    fn security_context_overrides_keep_the_pod_locked_down() {
+        let mut r = run("x");
+        r.spec.security_context = Some(crate::crd::RunSecurityContext {
+            run_as_user: Some(1001),
+            run_as_group: Some(100),
+            fs_group: Some(100),
+            read_only_root_filesystem: Some(true),
+        });
+        let job = build(&r, &JobConfig::new("img", "python3"));
+        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!((psc.run_as_user, psc.run_as_group, psc.fs_group), (Some(1001), Some(100), Some(100)));
+        assert_eq!(psc.run_as_non_root, Some(true));
+        let sc = container(&job).security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!((sc.run_as_non_root, sc.allow_privilege_escalation), (Some(true), Some(false)));
+    }
+
+    #[test]
+    fn default_resources_and_pull_policy_come_from_the_controller() {
+        let mut config = JobConfig::new("img", "python3");
+        config.default_resources = Some(parse_resources("limits.memory=2Gi").unwrap());
+        config.image_pull_policy = Some("Never".into());
+        let job = build(&run("x"), &config);
+        let c = container(&job);
+        assert_eq!(c.image_pull_policy.as_deref(), Some("Never"));
+        assert_eq!(c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0, "2Gi");
+        // A run's own resources replace the default as a whole.
+        let mut r = run("x");
+        r.spec.resources = Some(parse_resources("requests.cpu=1").unwrap());
+        let job = build(&r, &config);
+        let resources = container(&job).resources.clone().unwrap();
+        assert_eq!((resources.requests.unwrap()["cpu"].0.as_str(), resources.limits), ("1", None));
+    }
+
+    #[test]
+    fn resources_parse_from_json_or_pairs() {
+        let pairs = parse_resources("requests.cpu=500m, requests.memory=1Gi,limits.memory=2Gi").unwrap();
+        let json =
+            parse_resources(r#"{"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}"#)
+                .unwrap();
+        assert_eq!(pairs, json);
+        assert_eq!(pairs.requests.as_ref().unwrap()["cpu"].0, "500m");
+        for ok in ["1", "0.5", "1.5Gi", "100M", "1e3", "250m", "2k"] {
+            assert!(parse_resources(&format!("limits.cpu={ok}")).is_ok(), "{ok}");
+        }
+        for bad in [
+            "cpu=1",
+            "requests.cpu",
+            "request.cpu=1",
+            "limits.memory=2GB",
+            "limits.memory=",
+            "limits.cpu=1..5",
+        ] {
+            assert!(parse_resources(bad).is_err(), "{bad}");
+        }
+        assert!(parse_resources(r#"{"limits": {"memory": "lots"}}"#).is_err());
+        assert!(parse_resources("{not json").is_err());
     }
 
     #[test]

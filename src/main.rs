@@ -54,6 +54,13 @@ struct ControllerSettings {
     /// The interpreter inside the image.
     #[arg(long, env = "NOTEBOOK_OPERATOR_RUNNER_PYTHON", default_value = "python3")]
     runner_python: String,
+    /// Resources of runs that name none: JSON (`{"limits":{"memory":"2Gi"}}`) or
+    /// `requests.cpu=500m,limits.memory=2Gi`. A run's own `resources` replace them as a whole.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_DEFAULT_RESOURCES", value_parser = notebook_operator::job::parse_resources)]
+    default_resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// imagePullPolicy of the runner's container (default: Kubernetes' own, by the image's tag).
+    #[arg(long, env = "NOTEBOOK_OPERATOR_IMAGE_PULL_POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
+    image_pull_policy: Option<String>,
     /// How often a running run's progress is read from its pod log.
     #[arg(long, env = "NOTEBOOK_OPERATOR_PROGRESS_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     progress_interval: std::time::Duration,
@@ -65,7 +72,11 @@ struct ControllerSettings {
 impl ControllerSettings {
     fn config(self, namespace: Option<String>) -> ControllerConfig {
         ControllerConfig {
-            job: JobConfig { default_image: self.default_image, python: self.runner_python },
+            job: JobConfig {
+                default_resources: self.default_resources,
+                image_pull_policy: self.image_pull_policy,
+                ..JobConfig::new(self.default_image, self.runner_python)
+            },
             namespace,
             progress_interval: self.progress_interval,
             cancel_grace: self.cancel_grace,
