@@ -386,7 +386,7 @@ mod tests {
     }
 
     fn env_of(c: &Container, name: &str) -> Option<String> {
-        c.env.iter().flatten().filter(|e| e.name == name).next_back().and_then(|e| e.value.clone())
+        c.env.iter().flatten().rfind(|e| e.name == name).and_then(|e| e.value.clone())
     }
 
     #[test]
