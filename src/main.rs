@@ -18,7 +18,10 @@ use tracing::info;
 #[command(
     name = "notebook-operator",
     version,
-    about = "Run Jupyter notebooks on demand as Kubernetes Jobs, one at a time per lock"
+    about = "Run Jupyter notebooks on demand as Kubernetes Jobs, one at a time per lock",
+    // A flag given twice takes its last value, as with most tools (defaults in a wrapper
+    // script or a chart, then the caller's own).
+    args_override_self = true
 )]
 struct Cli {
     /// Log format on stderr (filter with RUST_LOG).
