@@ -141,6 +141,8 @@ struct Tally {
     facade_failures: Vec<String>,
     /// Runs the test asked to delete (they may wait on the lock finalizer before they go).
     deleted: BTreeSet<String>,
+    /// Runs that must stay unless deleted: created by the test or admitted by the facade.
+    kept: BTreeSet<String>,
     /// Every run and its lock: created by the test, admitted by the facade, or seen by the watch.
     locks: RunLocks,
     /// What the test did to which run, and when (since the kubelet's start, as the overlap
@@ -251,6 +253,7 @@ impl Facade {
             200 => match body["id"].as_str() {
                 Some(id) => {
                     t.locks.insert(id.to_string(), FACADE_LOCK.to_string());
+                    t.kept.insert(id.to_string());
                     t.act(id, format!("admitted by the facade's /start ({})", body["status"]));
                 }
                 None => t.facade_failures.push(format!("200 without an id: {body}")),
@@ -361,6 +364,7 @@ async fn soak(started: Instant, shared: Shared) {
             t.created += 1;
             *t.by_policy.entry(policy.name()).or_default() += 1;
             t.locks.insert(name.clone(), lock.to_string());
+            t.kept.insert(name.clone());
             t.act(&name, "created");
         }
 
@@ -461,6 +465,14 @@ async fn soak(started: Instant, shared: Shared) {
     };
     if !facade_failures.is_empty() {
         broken.push(format!("the facade answered /start with neither 200 nor 400: {facade_failures:?}"));
+    }
+    let present: BTreeSet<String> = all.iter().map(|r| r.name_any()).collect();
+    let vanished: Vec<String> = {
+        let t = tally(&shared);
+        t.kept.iter().filter(|r| !present.contains(*r) && !t.deleted.contains(*r)).cloned().collect()
+    };
+    if !vanished.is_empty() {
+        broken.push(format!("runs gone though nobody deleted them: {vanished:?}"));
     }
     let no_reason: Vec<String> = all
         .iter()
