@@ -51,6 +51,8 @@ const FORBID_PERCENT: u64 = 15;
 const REPLACE_PERCENT: u64 = 10;
 const CANCEL_PERCENT: u64 = 20;
 const DELETE_PERCENT: u64 = 12;
+/// Out of 100: the chance that a new run is cancelled or deleted at once, racing its admission.
+const RACE_PERCENT: u64 = 6;
 /// Every this many steps, this many concurrent `/start` calls.
 const FACADE_EVERY: usize = 25;
 const FACADE_BURST: usize = 3;
@@ -368,40 +370,28 @@ async fn soak(started: Instant, shared: Shared) {
             t.act(&name, "created");
         }
 
+        // Sometimes the new run itself, racing its admission (a cancel or a delete that lands
+        // before, while or after its Job is created).
+        let (racing, race_delete) = (rng.percent(RACE_PERCENT), rng.percent(50));
+        if racing && race_delete {
+            delete(&runs, &shared, &name, "racing its admission").await;
+        } else if racing {
+            cancel(&runs, &shared, &name, "racing its admission").await;
+        }
         if rng.percent(CANCEL_PERCENT) {
             let targets: Vec<String> =
                 store.state().iter().filter(|r| is_target(r)).map(|r| r.name_any()).collect();
             if !targets.is_empty() {
                 let target = &targets[rng.below(targets.len())];
-                let patch = json!({"spec": {"cancel": true}});
-                let phase = phase_in(&store, target);
-                match runs.patch(target, &PatchParams::default(), &Patch::Merge(&patch)).await {
-                    Ok(_) => {
-                        let mut t = tally(&shared);
-                        t.cancels += 1;
-                        t.act(target, format!("cancel patched (cache said {phase})"));
-                    }
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => panic!("cancel {target}: {e}"),
-                }
+                cancel(&runs, &shared, target, &format!("cache said {}", phase_in(&store, target))).await;
             }
         }
         if rng.percent(DELETE_PERCENT) {
             let targets: Vec<String> =
                 store.state().iter().filter(|r| is_target(r)).map(|r| r.name_any()).collect();
             if !targets.is_empty() {
-                let target = targets[rng.below(targets.len())].clone();
-                let phase = phase_in(&store, &target);
-                match runs.delete(&target, &DeleteParams::background()).await {
-                    Ok(_) => {
-                        let mut t = tally(&shared);
-                        t.deletes += 1;
-                        t.act(&target, format!("deleted (cache said {phase})"));
-                        t.deleted.insert(target);
-                    }
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => panic!("delete {target}: {e}"),
-                }
+                let target = &targets[rng.below(targets.len())];
+                delete(&runs, &shared, target, &format!("cache said {}", phase_in(&store, target))).await;
             }
         }
         if i % FACADE_EVERY == FACADE_EVERY / 2 {
@@ -609,6 +599,34 @@ fn watch_runs(runs: Api<NotebookRun>, shared: Shared) -> Store<NotebookRun> {
         }
     });
     store
+}
+
+/// Sets `spec.cancel` on `run` (already gone is fine).
+async fn cancel(runs: &Api<NotebookRun>, shared: &Shared, run: &str, why: &str) {
+    let patch = json!({"spec": {"cancel": true}});
+    match runs.patch(run, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => {
+            let mut t = tally(shared);
+            t.cancels += 1;
+            t.act(run, format!("cancel patched ({why})"));
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => panic!("cancel {run}: {e}"),
+    }
+}
+
+/// Deletes `run` (already gone is fine); it may wait on the lock finalizer before it goes.
+async fn delete(runs: &Api<NotebookRun>, shared: &Shared, run: &str, why: &str) {
+    match runs.delete(run, &DeleteParams::background()).await {
+        Ok(_) => {
+            let mut t = tally(shared);
+            t.deletes += 1;
+            t.act(run, format!("deleted ({why})"));
+            t.deleted.insert(run.to_string());
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => panic!("delete {run}: {e}"),
+    }
 }
 
 fn phase_in(store: &Store<NotebookRun>, name: &str) -> String {
