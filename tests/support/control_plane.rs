@@ -1,5 +1,7 @@
-//! etcd + kube-apiserver + kube-controller-manager + the test kubelet, started
-//! envtest-style on loopback with generated certificates and token auth.
+//! etcd + kube-apiserver + kube-controller-manager + a node, started envtest-style on
+//! loopback with generated certificates and token auth. The node is the test kubelet
+//! (containers as host processes) or a real one (kubelet, kube-scheduler, containerd, runc:
+//! see [`super::real_node`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,6 +21,7 @@ use super::certs;
 use super::kubelet::{ContainerLifetime, Kubelet, KubeletConfig, Lifetimes};
 use super::namespace::TestNamespace;
 use super::process::{self, Daemon};
+use super::real_node::{self, NodeApi, RealNode};
 use super::wait::try_wait_for;
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(90);
@@ -36,6 +39,15 @@ const CONTROLLERS: &[&str] = &[
     "replicaset-controller",
     "clusterrole-aggregation-controller",
 ];
+
+/// Which node runs the pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    /// The test kubelet: containers as host processes, fast, with fault injection.
+    TestKubelet,
+    /// A real kubelet with containerd and runc: real containers, images and cgroups.
+    Real,
+}
 
 /// A running control plane. Owned instances ([`ControlPlane::start`]) stop
 /// every child process on drop; the [`ControlPlane::shared`] one lives until
@@ -56,6 +68,8 @@ struct Info {
     token: String,
     #[allow(dead_code)]
     node_name: String,
+    #[allow(dead_code)]
+    node_kind: NodeKind,
     pids: Vec<u32>,
     log_files: Vec<PathBuf>,
     startup: Duration,
@@ -66,7 +80,12 @@ struct Info {
 /// What the control-plane thread owns while the control plane runs.
 struct Running {
     daemons: Vec<Daemon>,
-    kubelet: Kubelet,
+    node: RunningNode,
+}
+
+enum RunningNode {
+    Test(Kubelet),
+    Real(RealNode),
 }
 
 impl ControlPlane {
@@ -74,14 +93,28 @@ impl ControlPlane {
     pub fn shared() -> &'static ControlPlane {
         // A failed start is kept too, so that every test fails fast with its cause.
         static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
-        let started = SHARED.get_or_init(|| {
-            let cp = Self::try_start().map_err(|e| format!("{e:#}"))?;
+        Self::shared_in(&SHARED, NodeKind::TestKubelet)
+    }
+
+    /// The control plane of this test binary with a real node, started on first use.
+    #[allow(dead_code)] // only the real-node tests use it
+    pub fn shared_real_node() -> &'static ControlPlane {
+        static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
+        Self::shared_in(&SHARED, NodeKind::Real)
+    }
+
+    fn shared_in(
+        cell: &'static OnceLock<Result<ControlPlane, String>>,
+        kind: NodeKind,
+    ) -> &'static ControlPlane {
+        let started = cell.get_or_init(|| {
+            let cp = Self::try_start_with(kind).map_err(|e| format!("{e:#}"))?;
             process::remove_at_exit(cp.info.dir.clone());
             Ok(cp)
         });
         match started {
             Ok(cp) => cp,
-            Err(e) => panic!("cannot start the control plane: {e}"),
+            Err(e) => panic!("cannot start the control plane ({kind:?} node): {e}"),
         }
     }
 
@@ -92,6 +125,10 @@ impl ControlPlane {
     }
 
     pub fn try_start() -> anyhow::Result<ControlPlane> {
+        Self::try_start_with(NodeKind::TestKubelet)
+    }
+
+    pub fn try_start_with(kind: NodeKind) -> anyhow::Result<ControlPlane> {
         let assets = assets_dir()?;
         let dir = tempfile::Builder::new().prefix("notebook-operator-cp-").tempdir()?.keep();
         if env::var("KEEP_CONTROL_PLANE").is_ok_and(|v| v == "1") {
@@ -110,7 +147,7 @@ impl ControlPlane {
                 .build()
                 .expect("control-plane runtime");
             runtime.block_on(async move {
-                match boot(&boot_dir, &assets).await {
+                match boot(&boot_dir, &assets, kind).await {
                     Ok((running, info)) => {
                         let _ = ready_tx.send(Ok(info));
                         let _ = stop_rx.await;
@@ -201,12 +238,17 @@ impl ControlPlane {
         &self.info.node_name
     }
 
+    pub fn node_kind(&self) -> NodeKind {
+        self.info.node_kind
+    }
+
     /// Pids of etcd, kube-apiserver and kube-controller-manager.
     pub fn pids(&self) -> &[u32] {
         &self.info.pids
     }
 
-    /// Log files of etcd, kube-apiserver, kube-controller-manager and the kubelet.
+    /// Log files of etcd, kube-apiserver, kube-controller-manager and the node's (the test
+    /// kubelet; or kubelet, kube-scheduler and containerd).
     pub fn log_files(&self) -> &[PathBuf] {
         &self.info.log_files
     }
@@ -216,7 +258,7 @@ impl ControlPlane {
         self.info.startup
     }
 
-    /// Every container process the test kubelet ran, in start order: namespace, pod, labels,
+    /// Every container process the test kubelet ran (none on a real node), in start order: namespace, pod, labels,
     /// container, and when it started and ended by the monotonic clock (`ended` is `None` while
     /// it runs). Deleted pods are kept: this is what the node saw, not what the API says now.
     pub fn container_lifetimes(&self) -> Vec<ContainerLifetime> {
@@ -296,7 +338,10 @@ impl Drop for ControlPlane {
 
 impl Running {
     async fn stop(self) {
-        self.kubelet.stop().await;
+        match self.node {
+            RunningNode::Test(kubelet) => kubelet.stop().await,
+            RunningNode::Real(node) => node.stop(),
+        }
         // Controller manager first, etcd last: fewer errors in the logs.
         for mut daemon in self.daemons.into_iter().rev() {
             daemon.kill();
@@ -347,14 +392,27 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-async fn boot(dir: &Path, assets: &Path) -> anyhow::Result<(Running, Info)> {
+async fn boot(dir: &Path, assets: &Path, kind: NodeKind) -> anyhow::Result<(Running, Info)> {
     let started = Instant::now();
     let pki = certs::generate(&dir.join("pki"))?;
     let token = format!("{:032x}", rand::random::<u128>());
+    let node_token = format!("{:032x}", rand::random::<u128>());
     let token_file = dir.join("tokens.csv");
-    fs::write(&token_file, format!("{token},admin,admin,\"system:masters\"\n"))?;
+    fs::write(
+        &token_file,
+        format!(
+            "{token},admin,admin,\"system:masters\"\n\
+             {node_token},system:node:{},kubelet,\"system:nodes\"\n",
+            real_node::NODE_NAME
+        ),
+    )?;
     let logs = dir.join("logs");
     fs::create_dir_all(&logs)?;
+    // containerd and the image imports first: they overlap with the control plane's start.
+    let runtime = match kind {
+        NodeKind::Real => Some(real_node::Runtime::start(&dir.join("node"), &logs)?),
+        NodeKind::TestKubelet => None,
+    };
 
     let (etcd_port, etcd_peer_port) = (free_port()?, free_port()?);
     let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -402,7 +460,14 @@ async fn boot(dir: &Path, assets: &Path) -> anyhow::Result<(Running, Info)> {
             format!("--service-account-key-file={}", pki.service_account_public_key.display()),
             format!("--service-account-signing-key-file={}", pki.service_account_private_key.display()),
             format!("--kubelet-certificate-authority={}", pki.ca_cert.display()),
-            "--kubelet-preferred-address-types=InternalIP".into(),
+            format!("--kubelet-client-certificate={}", pki.apiserver_kubelet_client_cert.display()),
+            format!("--kubelet-client-key={}", pki.apiserver_kubelet_client_key.display()),
+            // A real kubelet refuses a loopback node IP; its Hostname address (`localhost`) is how
+            // to reach it.
+            match kind {
+                NodeKind::TestKubelet => "--kubelet-preferred-address-types=InternalIP".into(),
+                NodeKind::Real => "--kubelet-preferred-address-types=Hostname,InternalIP".into(),
+            },
             // No node-lifecycle controller removes the not-ready taint.
             "--disable-admission-plugins=TaintNodesByCondition".into(),
             "--endpoint-reconciler-type=none".into(),
@@ -440,20 +505,45 @@ async fn boot(dir: &Path, assets: &Path) -> anyhow::Result<(Running, Info)> {
     )?;
 
     let client = Client::try_from(config.clone())?;
-    let kubelet_log = logs.join("kubelet.log");
-    let kubelet = Kubelet::start(KubeletConfig {
-        client: client.clone(),
-        node_name: NODE_NAME.into(),
-        root: dir.join("kubelet"),
-        identity: pki.kubelet,
-        api_server_port: api_port,
-        path_prepend: env::var("TEST_KUBELET_PATH_PREPEND").unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin").display().to_string()
-        }),
-        log_file: kubelet_log.clone(),
-    })
-    .await
-    .context("start the test kubelet")?;
+    let (node, node_name, node_logs, lifetimes) = match runtime {
+        None => {
+            let kubelet_log = logs.join("kubelet.log");
+            let kubelet = Kubelet::start(KubeletConfig {
+                client: client.clone(),
+                node_name: NODE_NAME.into(),
+                root: dir.join("kubelet"),
+                identity: pki.kubelet,
+                api_server_port: api_port,
+                path_prepend: env::var("TEST_KUBELET_PATH_PREPEND").unwrap_or_else(|_| {
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin").display().to_string()
+                }),
+                log_file: kubelet_log.clone(),
+            })
+            .await
+            .context("start the test kubelet")?;
+            let lifetimes = kubelet.lifetimes();
+            (RunningNode::Test(kubelet), NODE_NAME, vec![kubelet_log], lifetimes)
+        }
+        Some(runtime) => {
+            let node = runtime
+                .start_node(NodeApi {
+                    client: client.clone(),
+                    server: &server,
+                    ca_cert: &pki.ca_cert,
+                    kubelet_token: &node_token,
+                    admin_kubeconfig: &kubeconfig,
+                    serving_cert: &pki.kubelet_cert,
+                    serving_key: &pki.kubelet_key,
+                    assets,
+                    logs: &logs,
+                })
+                .await
+                .context("start the real node")?;
+            eprintln!("real node ready {:.1}s after containerd started", node.startup_time().as_secs_f64());
+            let node_logs = node.log_files().to_vec();
+            (RunningNode::Real(node), real_node::NODE_NAME, node_logs, Arc::new(Lifetimes::new()))
+        }
+    };
 
     // The controller manager is up once it has made the `default` service account.
     let accounts = Api::<ServiceAccount>::namespaced(client, "default");
@@ -477,13 +567,14 @@ async fn boot(dir: &Path, assets: &Path) -> anyhow::Result<(Running, Info)> {
         kubeconfig,
         server,
         token,
-        node_name: NODE_NAME.into(),
+        node_name: node_name.into(),
+        node_kind: kind,
         pids: daemons.iter().map(Daemon::pid).collect(),
-        log_files: daemons.iter().map(|d| d.log().to_path_buf()).chain([kubelet_log]).collect(),
+        log_files: daemons.iter().map(|d| d.log().to_path_buf()).chain(node_logs).collect(),
         startup: started.elapsed(),
-        lifetimes: kubelet.lifetimes(),
+        lifetimes,
     };
-    Ok((Running { daemons, kubelet }, info))
+    Ok((Running { daemons, node }, info))
 }
 
 /// Polls `url` until it answers 200, failing early when `daemon` exits.

@@ -1,6 +1,7 @@
 //! Test support: a real control plane (etcd, kube-apiserver,
 //! kube-controller-manager) with a test kubelet that runs containers as host
-//! processes, a fresh namespace per test, and waiting with deadlines.
+//! processes or a real node (kubelet, containerd, runc), a fresh namespace per
+//! test, and waiting with deadlines.
 //!
 //! ```ignore
 //! mod support;
@@ -28,10 +29,12 @@ pub mod operator;
 #[allow(dead_code)] // used by the operator's lock tests
 pub mod overlap;
 pub mod process;
+#[allow(dead_code)] // used by the real-node tests and the dev cluster
+pub mod real_node;
 pub mod wait;
 
 #[allow(unused_imports)]
-pub use control_plane::ControlPlane;
+pub use control_plane::{ControlPlane, NodeKind};
 #[allow(unused_imports)]
 pub use kubelet::{ContainerLifetime, FAILING_REGISTRY};
 #[allow(unused_imports)]

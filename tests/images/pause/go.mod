@@ -1,0 +1,3 @@
+module notebook-operator/tests/images/pause
+
+go 1.22
