@@ -9,123 +9,17 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use notebook_operator::{NotebookRun, Reason, RunPhase};
 use serde_json::{Value, json};
 
-use support::operator::{Operator, install_crd};
-use support::overlap::{self, Checked, RunLocks};
-use support::{ControlPlane, TestNamespace, from_json, ipynb, wait_for};
+use support::overlap::{self, RunLocks};
+use support::runs::{RUN_TIMEOUT, phase_of, reason_of, run_of, setup};
+use support::{ControlPlane, from_json, wait_for};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
-const RUN_TIMEOUT: Duration = Duration::from_secs(90);
-
-// === harness ===
-
-struct Env {
-    // Dropped in order: the controller first, then the namespace (which dumps on failure).
-    op: Operator,
-    ns: TestNamespace,
-    runs: Api<NotebookRun>,
-}
-
-async fn setup(prefix: &str) -> Env {
-    let cp = ControlPlane::shared();
-    install_crd(cp);
-    let ns = cp.namespace(prefix).await;
-    let op = Operator::start(cp, &ns);
-    let runs = ns.api();
-    Env { op, ns, runs }
-}
-
-/// A run of an inline notebook; `extra` is merged into the spec.
-fn run_of(name: &str, cells: &[&str], extra: Value) -> NotebookRun {
-    let mut spec = json!({"notebook": {"inline": ipynb(cells)}});
-    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
-        s.extend(e.clone());
-    }
-    from_json(
-        json!({"apiVersion": "notebooks.dev/v1alpha1", "kind": "NotebookRun", "metadata": {"name": name}, "spec": spec}),
-    )
-}
-
-impl Env {
-    async fn create(&self, run: &NotebookRun) -> NotebookRun {
-        self.runs.create(&PostParams::default(), run).await.expect("create NotebookRun")
-    }
-
-    async fn get(&self, name: &str) -> NotebookRun {
-        self.runs.get(name).await.expect("get NotebookRun")
-    }
-
-    async fn wait_until(&self, name: &str, what: &str, pred: impl Fn(&NotebookRun) -> bool) -> NotebookRun {
-        let runs = self.runs.clone();
-        wait_for(RUN_TIMEOUT, format!("{name}: {what}"), || {
-            let runs = runs.clone();
-            let pred = &pred;
-            async move { runs.get_opt(name).await.ok().flatten().filter(|r| pred(r)) }
-        })
-        .await
-    }
-
-    async fn wait_phase(&self, name: &str, phase: RunPhase) -> NotebookRun {
-        self.wait_until(name, &format!("phase {phase:?}"), |r| phase_of(r) == Some(phase)).await
-    }
-
-    async fn wait_terminal(&self, name: &str) -> NotebookRun {
-        self.wait_until(name, "a terminal phase", |r| phase_of(r).is_some_and(RunPhase::is_terminal)).await
-    }
-
-    async fn lease(&self, lock: &str) -> Option<Lease> {
-        self.ns.api::<Lease>().get_opt(lock).await.expect("get lease")
-    }
-
-    async fn wait_lock_free(&self, lock: &str) {
-        let leases: Api<Lease> = self.ns.api();
-        wait_for(RUN_TIMEOUT, format!("lock {lock} released"), || {
-            let leases = leases.clone();
-            async move { leases.get_opt(lock).await.ok().is_some_and(|l| l.is_none()) }
-        })
-        .await
-    }
-
-    /// The executed notebook the run kept (its output ConfigMap, gunzipped).
-    async fn executed_notebook(&self, run: &NotebookRun) -> Value {
-        let name = run.status.as_ref().and_then(|s| s.output.as_ref()).and_then(|o| o.config_map.clone());
-        let name =
-            name.unwrap_or_else(|| panic!("run {} kept no notebook: {:?}", run.name_any(), run.status));
-        let cm = self.ns.api::<ConfigMap>().get(&name).await.expect("output ConfigMap");
-        let gz = &cm.binary_data.expect("binaryData")["notebook.ipynb.gz"].0;
-        let raw = notebook_operator::progress::gunzip(gz).expect("gzip");
-        serde_json::from_slice(&raw).expect("ipynb JSON")
-    }
-
-    async fn jobs(&self) -> Vec<Job> {
-        self.ns.api::<Job>().list(&ListParams::default()).await.expect("list jobs").items
-    }
-
-    /// No two runs of this namespace sharing a lock had a live container at the same instant,
-    /// as the node saw it. The runs are read from the API: these tests delete none.
-    async fn assert_no_overlap(&self) -> Checked {
-        overlap::assert_no_overlap(ControlPlane::shared(), &self.ns, &RunLocks::new()).await
-    }
-
-    async fn events_for(&self, name: &str) -> Vec<Event> {
-        let events: Api<Event> = self.ns.api();
-        let lp = ListParams::default().fields(&format!("involvedObject.name={name}"));
-        events.list(&lp).await.map(|l| l.items).unwrap_or_default()
-    }
-}
-
-fn phase_of(run: &NotebookRun) -> Option<RunPhase> {
-    run.phase()
-}
-
-fn reason_of(run: &NotebookRun) -> Option<Reason> {
-    run.status.as_ref().and_then(|s| s.reason)
-}
 
 fn cell_text(nb: &Value, cell: usize) -> String {
     nb["cells"][cell]["outputs"].to_string()

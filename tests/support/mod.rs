@@ -31,6 +31,9 @@ pub mod overlap;
 pub mod process;
 #[allow(dead_code)] // used by the real-node tests and the dev cluster
 pub mod real_node;
+#[cfg(test)]
+#[allow(dead_code)] // each test binary uses part of the harness
+pub mod runs;
 pub mod wait;
 
 #[allow(unused_imports)]

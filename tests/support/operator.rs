@@ -9,6 +9,10 @@ use std::sync::Once;
 use super::ControlPlane;
 use super::process;
 
+/// Runs the tests' controllers from another build (e.g. an older commit, to see a test fail
+/// before its fix); the facade and other commands still use the binary under test.
+pub const CONTROLLER_OVERRIDE_ENV: &str = "NOTEBOOK_OPERATOR_TEST_CONTROLLER";
+
 /// The operator binary cargo built for this test binary (examples that share this module have none).
 pub fn binary() -> &'static str {
     match option_env!("CARGO_BIN_EXE_notebook-operator") {
@@ -40,12 +44,20 @@ pub struct Operator {
     log: PathBuf,
     ns: String,
     kubeconfig: PathBuf,
+    args: Vec<String>,
 }
 
 impl Operator {
     pub fn start(cp: &ControlPlane, ns: &str) -> Self {
+        Self::start_with(cp, ns, &[])
+    }
+
+    /// The controller with `args` after the test defaults (a later flag wins).
+    pub fn start_with(cp: &ControlPlane, ns: &str, args: &[&str]) -> Self {
         let log = std::env::temp_dir().join(format!("notebook-operator-controller-{ns}.log"));
-        let mut op = Operator { child: None, log, ns: ns.into(), kubeconfig: cp.kubeconfig().to_path_buf() };
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut op =
+            Operator { child: None, log, ns: ns.into(), kubeconfig: cp.kubeconfig().to_path_buf(), args };
         op.spawn();
         op
     }
@@ -53,7 +65,8 @@ impl Operator {
     fn spawn(&mut self) {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("controller log");
-        let mut cmd = Command::new(binary());
+        let program = std::env::var(CONTROLLER_OVERRIDE_ENV).unwrap_or_else(|_| binary().to_string());
+        let mut cmd = Command::new(program);
         cmd.args([
             "controller",
             "--listen",
@@ -62,6 +75,7 @@ impl Operator {
             "quay.io/jupyter/minimal-notebook:test",
         ])
         .args(["--namespace", &self.ns, "--progress-interval", "300ms", "--cancel-grace", "20s"])
+        .args(&self.args)
         .env("KUBECONFIG", &self.kubeconfig)
         .env("RUST_LOG", "info,notebook_operator=debug")
         .stdin(Stdio::null())
@@ -77,6 +91,24 @@ impl Operator {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// SIGTERM, as a rollout would, and waits up to `limit` for the exit (then SIGKILL): the
+    /// exit status if it exited by itself.
+    pub fn terminate(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 
     #[allow(dead_code)] // not every test binary restarts it
