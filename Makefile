@@ -13,6 +13,9 @@ CARGO ?= cargo
 # Test binaries share one control plane each; the cache folder is built once per version set.
 CONTROL_PLANE = $(shell tests/control-plane/build.sh | tail -n 1)
 
+# make dev-cluster NODE=real: a real kubelet with containerd and runc instead of the test kubelet.
+NODE ?= test
+
 IMAGE ?= notebook-operator:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
 .PHONY: help run test lint test-packaging manifests image test-unit test-runner test-local test-e2e control-plane dev-cluster crds fmt lint venv build bench
@@ -22,6 +25,7 @@ help:
 	@echo "make test           every test: unit, runner, local API, end-to-end on a real control plane"
 	@echo "make control-plane  build (once) kube-apiserver, kube-controller-manager, kubectl, etcd, helm"
 	@echo "make dev-cluster    control plane + test kubelet in the foreground, kubeconfig in .dev-cluster/"
+	@echo "                    (NODE=real: a real kubelet, containerd and runc; needs root)"
 	@echo "make crds           regenerate crds/notebookrun.yaml (and the chart's copy, and deploy/)"
 	@echo "make manifests      regenerate deploy/ from charts/notebook-operator"
 	@echo "make image          build the operator image (deploy/Dockerfile; needs a Docker engine)"
@@ -59,7 +63,7 @@ control-plane:
 	@tests/control-plane/build.sh
 
 dev-cluster: $(VENV_STAMP)
-	KUBEBUILDER_ASSETS="$(CONTROL_PLANE)" $(CARGO) run --locked --example dev_cluster
+	KUBEBUILDER_ASSETS="$(CONTROL_PLANE)" $(CARGO) run --locked --example dev_cluster -- --node $(NODE)
 
 fmt:
 	$(CARGO) fmt --check

@@ -1,9 +1,11 @@
 //! A local cluster for trying the operator by hand: etcd, kube-apiserver,
-//! kube-controller-manager and the test kubelet (containers run as host
-//! processes), in the foreground.
+//! kube-controller-manager and a node, in the foreground. The node is the test
+//! kubelet (containers run as host processes) or, with `--node real`, a real one
+//! (kubelet, kube-scheduler, containerd and runc; needs root).
 //!
 //! ```text
-//! cargo run --example dev_cluster        # or: make dev-cluster
+//! cargo run --example dev_cluster                  # or: make dev-cluster
+//! cargo run --example dev_cluster -- --node real   # or: make dev-cluster NODE=real
 //! ```
 //!
 //! Writes the admin kubeconfig to `$KUBECONFIG_OUT` (default
@@ -20,9 +22,15 @@ use std::{env, fs};
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
-use support::ControlPlane;
+use support::{ControlPlane, NodeKind};
 
 fn main() -> anyhow::Result<()> {
+    let kind = match env::args().skip(1).collect::<Vec<_>>().as_slice() {
+        [] => NodeKind::TestKubelet,
+        [flag, node] if flag == "--node" && node == "test" => NodeKind::TestKubelet,
+        [flag, node] if flag == "--node" && node == "real" => NodeKind::Real,
+        other => anyhow::bail!("usage: dev_cluster [--node test|real] (got {other:?})"),
+    };
     let out = PathBuf::from(env::var("KUBECONFIG_OUT").unwrap_or_else(|_| ".dev-cluster/kubeconfig".into()));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     // Listen before starting, so a signal during start-up is not lost.
@@ -31,8 +39,14 @@ fn main() -> anyhow::Result<()> {
         (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
     };
 
-    eprintln!("starting etcd, kube-apiserver, kube-controller-manager and the test kubelet...");
-    let cp = ControlPlane::try_start()?;
+    eprintln!(
+        "starting etcd, kube-apiserver, kube-controller-manager and {}...",
+        match kind {
+            NodeKind::TestKubelet => "the test kubelet",
+            NodeKind::Real => "a real node (containerd, kubelet, kube-scheduler)",
+        }
+    );
+    let cp = ControlPlane::try_start_with(kind)?;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
     }
@@ -54,14 +68,36 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn print_usage(cp: &ControlPlane, kubeconfig: &Path) {
+    let (operator, pods) = match cp.node_kind() {
+        NodeKind::TestKubelet => (
+            "cargo run -- all".to_string(),
+            format!(
+                "Pods run as host processes (PATH starts with .venv/bin); images are not pulled,
+images from {} fail to pull.",
+                support::FAILING_REGISTRY
+            ),
+        ),
+        NodeKind::Real => (
+            format!(
+                "cargo run -- all --default-image {} --image-pull-policy Never",
+                support::real_node::RUNNER_IMAGE
+            ),
+            format!(
+                "Pods run in real containers (containerd + runc). Nothing can be pulled: the images are
+{}, {} (USER 0) and {}.",
+                support::real_node::RUNNER_IMAGE,
+                support::real_node::ROOT_IMAGE,
+                support::real_node::PAUSE_IMAGE
+            ),
+        ),
+    };
     println!(
         "\ndev cluster ready in {:.1}s: {} (node {})
   export KUBECONFIG={}
   export PATH={}:$PATH    # kubectl, helm
   kubectl get nodes
-  cargo run -- all        # the operator against this cluster
-Pods run as host processes (PATH starts with .venv/bin); images are not pulled,
-images from {} fail to pull.
+  {operator}    # the operator against this cluster
+{pods}
 Logs: {}
 Ctrl-C or SIGTERM stops everything.",
         cp.startup_time().as_secs_f64(),
@@ -69,7 +105,6 @@ Ctrl-C or SIGTERM stops everything.",
         cp.node_name(),
         kubeconfig.display(),
         cp.assets().display(),
-        support::FAILING_REGISTRY,
         cp.dir().join("logs").display(),
     );
 }
