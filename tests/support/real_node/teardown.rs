@@ -90,7 +90,7 @@ impl Teardown {
         left.extend(unmount_under(&layout.dir));
         left.extend(remove_cgroups(&layout.cgroup));
         left.extend(remove_bridge(&layout.bridge));
-        remove_cni_cache(&layout.network);
+        remove_cni_cache(&layout.network, &ids);
         remove_fixed_paths(&self.created);
         NODES.lock().unwrap_or_else(|e| e.into_inner()).retain(|t| !std::ptr::eq(t.as_ref(), self));
         left
@@ -354,13 +354,18 @@ fn remove_bridge(bridge: &str) -> Vec<String> {
     if deleted { Vec::new() } else { vec![format!("bridge {bridge} not deleted")] }
 }
 
-/// libcni keeps each attachment's result under the fixed `/var/lib/cni/results`, named after
-/// the network.
-fn remove_cni_cache(network: &str) {
+/// libcni keeps each attachment's result under the fixed `/var/lib/cni/results`, named after the
+/// network and the sandbox (`<network>-<id>-eth0`, and `cni-loopback-<id>-lo` for the loopback
+/// that containerd adds): those of sandboxes stopped without the CRI are left there.
+fn remove_cni_cache(network: &str, ids: &[String]) {
     let results = Path::new("/var/lib/cni/results");
     let Ok(entries) = fs::read_dir(results) else { return };
+    let ours = |name: &str| {
+        name.starts_with(&format!("{network}-"))
+            || ids.iter().any(|id| name.starts_with(&format!("cni-loopback-{id}-")))
+    };
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&format!("{network}-")) {
+        if ours(&entry.file_name().to_string_lossy()) {
             let _ = fs::remove_file(entry.path());
         }
     }
