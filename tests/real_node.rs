@@ -3,7 +3,8 @@
 //! show is checked here: the security context as the kernel enforces it, memory limits and OOM
 //! kills, evictions, signals through the image's entrypoint, zombie reaping, images that cannot
 //! start, and a read-only root filesystem. Each test has its own namespace and controller
-//! (`--default-image` the runner image, pull policy Never unless a test needs a pull).
+//! (`--default-image` the runner image, pull policy Never unless a test needs a pull: see
+//! `support::operator`).
 
 mod support;
 
@@ -42,12 +43,8 @@ async fn setup(prefix: &str, args: &[&str]) -> Env {
     assert_eq!(cp.node_kind(), NodeKind::Real);
     install_crd(cp);
     let ns = cp.namespace(prefix).await;
-    let mut flags = vec!["--default-image", RUNNER_IMAGE];
-    if !args.contains(&"--image-pull-policy") {
-        flags.extend(["--image-pull-policy", "Never"]);
-    }
-    flags.extend(args);
-    let op = Operator::start_with(cp, &ns, &flags);
+    // On a real node the controller runs the runner image and never pulls, unless `args` say.
+    let op = Operator::start_with(cp, &ns, args);
     let runs = ns.api();
     Env { _op: op, ns, runs }
 }
@@ -182,6 +179,8 @@ async fn the_default_job_runs_locked_down_in_a_real_container() {
         "status.imageID {image_id:?}"
     );
     let pods = env.pods_of("secure").await;
+    let image = pods[0].spec.as_ref().unwrap().containers[0].image.clone();
+    assert_eq!(image.as_deref(), Some(RUNNER_IMAGE), "the controller's --default-image");
     let cs = &pods[0].status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0];
     assert_eq!(cs.image_id, image_id, "status.imageID is the container's");
 }

@@ -27,6 +27,8 @@ use super::wait::try_wait_for;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(90);
 const NAMESPACE_TIMEOUT: Duration = Duration::from_secs(60);
 const NODE_NAME: &str = "test-node";
+/// `test` (default) or `real`: the node of [`ControlPlane::shared`].
+pub const NODE_ENV: &str = "NOTEBOOK_OPERATOR_TEST_NODE";
 const CONTROLLERS: &[&str] = &[
     "job-controller",
     "cronjob-controller",
@@ -89,15 +91,20 @@ enum RunningNode {
 }
 
 impl ControlPlane {
-    /// The control plane of this test binary, started on first use.
+    /// The control plane of this test binary, started on first use: with the test kubelet, or
+    /// with a real node when `NOTEBOOK_OPERATOR_TEST_NODE=real` (for suites that need no fault
+    /// injection from the node; see the README).
     pub fn shared() -> &'static ControlPlane {
         // A failed start is kept too, so that every test fails fast with its cause.
         static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
-        Self::shared_in(&SHARED, NodeKind::TestKubelet)
+        match env::var(NODE_ENV).as_deref() {
+            Ok("real") => Self::shared_real_node(),
+            Ok("test") | Err(_) => Self::shared_in(&SHARED, NodeKind::TestKubelet),
+            Ok(other) => panic!("{NODE_ENV}={other}: expected test or real"),
+        }
     }
 
     /// The control plane of this test binary with a real node, started on first use.
-    #[allow(dead_code)] // only the real-node tests use it
     pub fn shared_real_node() -> &'static ControlPlane {
         static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
         Self::shared_in(&SHARED, NodeKind::Real)

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Once;
 
-use super::ControlPlane;
 use super::process;
+use super::{ControlPlane, NodeKind, real_node};
 
 /// Runs the tests' controllers from another build (e.g. an older commit, to see a test fail
 /// before its fix); the facade and other commands still use the binary under test.
@@ -55,7 +55,13 @@ impl Operator {
     /// The controller with `args` after the test defaults (a later flag wins).
     pub fn start_with(cp: &ControlPlane, ns: &str, args: &[&str]) -> Self {
         let log = std::env::temp_dir().join(format!("notebook-operator-controller-{ns}.log"));
-        let args = args.iter().map(|a| a.to_string()).collect();
+        // The test kubelet records the image and runs the host's Python; a real node runs the
+        // image it was given, and nothing can be pulled there.
+        let image: &[&str] = match cp.node_kind() {
+            NodeKind::TestKubelet => &["--default-image", "quay.io/jupyter/minimal-notebook:test"],
+            NodeKind::Real => &["--default-image", real_node::RUNNER_IMAGE, "--image-pull-policy", "Never"],
+        };
+        let args = image.iter().chain(args).map(|a| a.to_string()).collect();
         let mut op =
             Operator { child: None, log, ns: ns.into(), kubeconfig: cp.kubeconfig().to_path_buf(), args };
         op.spawn();
@@ -67,20 +73,14 @@ impl Operator {
             std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("controller log");
         let program = std::env::var(CONTROLLER_OVERRIDE_ENV).unwrap_or_else(|_| binary().to_string());
         let mut cmd = Command::new(program);
-        cmd.args([
-            "controller",
-            "--listen",
-            "127.0.0.1:0",
-            "--default-image",
-            "quay.io/jupyter/minimal-notebook:test",
-        ])
-        .args(["--namespace", &self.ns, "--progress-interval", "300ms", "--cancel-grace", "20s"])
-        .args(&self.args)
-        .env("KUBECONFIG", &self.kubeconfig)
-        .env("RUST_LOG", "info,notebook_operator=debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
+        cmd.args(["controller", "--listen", "127.0.0.1:0"])
+            .args(["--namespace", &self.ns, "--progress-interval", "300ms", "--cancel-grace", "20s"])
+            .args(&self.args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info,notebook_operator=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
         process::contain(&mut cmd);
         self.child = Some(cmd.spawn().expect("spawn the controller"));
     }
