@@ -52,7 +52,7 @@ impl Operator {
         Self::start_with(cp, ns, &[])
     }
 
-    /// The controller with `args` after the test defaults (a later flag wins).
+    /// The controller with `args` (a flag given there replaces its test default).
     pub fn start_with(cp: &ControlPlane, ns: &str, args: &[&str]) -> Self {
         let log = std::env::temp_dir().join(format!("notebook-operator-controller-{ns}.log"));
         // The test kubelet records the image and runs the host's Python; a real node runs the
@@ -73,8 +73,11 @@ impl Operator {
             std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("controller log");
         let program = std::env::var(CONTROLLER_OVERRIDE_ENV).unwrap_or_else(|_| binary().to_string());
         let mut cmd = Command::new(program);
-        cmd.args(["controller", "--listen", "127.0.0.1:0"])
-            .args(["--namespace", &self.ns, "--progress-interval", "300ms", "--cancel-grace", "20s"])
+        // The test defaults, each unless `args` gives that flag itself.
+        let defaults = [("--progress-interval", "300ms"), ("--cancel-grace", "20s")];
+        let defaults = defaults.into_iter().filter(|(flag, _)| !self.args.iter().any(|a| a == flag));
+        cmd.args(["controller", "--listen", "127.0.0.1:0", "--namespace", &self.ns])
+            .args(defaults.flat_map(|(flag, value)| [flag, value]))
             .args(&self.args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,notebook_operator=debug")
