@@ -6,6 +6,7 @@ pub mod backend;
 pub mod controller;
 pub mod crd;
 pub mod job;
+pub mod leader;
 pub mod lock;
 pub mod metrics;
 pub mod progress;

@@ -10,6 +10,7 @@ use notebook_operator::backend::kubernetes::{KubeBackend, KubeConfig, NotebookRe
 use notebook_operator::backend::local::{LocalBackend, LocalConfig};
 use notebook_operator::controller::{self, ControllerConfig, Readiness};
 use notebook_operator::job::JobConfig;
+use notebook_operator::leader::{self, ElectionConfig, Leadership};
 use notebook_operator::metrics::Metrics;
 use notebook_operator::telemetry::{self, LogFormat};
 use tracing::info;
@@ -97,6 +98,31 @@ struct ControllerArgs {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "NOTEBOOK_OPERATOR_CONTROLLER_LISTEN", default_value = "0.0.0.0:8081")]
     listen: String,
+    #[command(flatten)]
+    election: ElectionArgs,
+}
+
+#[derive(Args)]
+struct ElectionArgs {
+    /// Elect one leader among replicas through a Lease; only the leader reconciles.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the election Lease (default: the pod's own, POD_NAMESPACE, else the client's).
+    #[arg(long, env = "NOTEBOOK_OPERATOR_LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// Name of the election Lease.
+    #[arg(
+        long,
+        env = "NOTEBOOK_OPERATOR_LEADER_ELECTION_ID",
+        default_value = "notebook-operator-controller"
+    )]
+    leader_election_id: String,
+    /// How long the leader's lease lasts after its last renewal (a standby takes over after it).
+    #[arg(long, env = "NOTEBOOK_OPERATOR_LEADER_ELECTION_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    leader_election_lease_duration: std::time::Duration,
+    /// How long before expiry the leader renews; a leader that could not renew by then stops.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_LEADER_ELECTION_RENEW_BEFORE", default_value = "5s", value_parser = parse_duration)]
+    leader_election_renew_before: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -242,10 +268,48 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signal();
     let ops = controller_ops(metrics.clone(), readiness.clone());
     let server = axum::serve(listener, ops).with_graceful_shutdown(shutdown.wait());
-    let controller =
-        controller::run(client, args.settings.config(args.namespace), metrics, readiness, shutdown.wait());
+    let config = args.settings.config(args.namespace);
+    let election = &args.election;
+    if !election.leader_elect {
+        metrics.set_leader(true);
+        let leadership = Leadership::unconditional();
+        let controller = controller::run(client, config, metrics, readiness, leadership, shutdown.wait());
+        tokio::select! {
+            () = controller => info!("controller stopped"),
+            res = server => res.context("probe server")?,
+        }
+        return Ok(());
+    }
+    anyhow::ensure!(
+        election.leader_election_renew_before < election.leader_election_lease_duration,
+        "--leader-election-renew-before must be shorter than --leader-election-lease-duration"
+    );
+    let namespace = match &election.leader_election_namespace {
+        Some(ns) => ns.clone(),
+        None => std::env::var("POD_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_string()),
+    };
+    let election_config = ElectionConfig {
+        namespace,
+        lease_name: election.leader_election_id.clone(),
+        identity: leader::default_identity(),
+        lease_duration: election.leader_election_lease_duration,
+        renew_before: election.leader_election_renew_before,
+    };
+    // A standby is healthy: ready while it waits (the leader's readiness is its cache's).
+    readiness.set_ready();
+    let lead = {
+        let (client, metrics, readiness, shutdown) =
+            (client.clone(), metrics.clone(), readiness.clone(), shutdown.clone());
+        move |leadership: Leadership| {
+            let (client, config, metrics, readiness) =
+                (client.clone(), config.clone(), metrics.clone(), readiness.clone());
+            let shutdown = shutdown.clone();
+            async move { controller::run(client, config, metrics, readiness, leadership, shutdown.wait()).await }
+        }
+    };
+    let elected = leader::run_elected(client, election_config, metrics, lead, shutdown.wait());
     tokio::select! {
-        () = controller => info!("controller stopped"),
+        res = elected => res.context("leader election")?,
         res = server => res.context("probe server")?,
     }
     Ok(())
@@ -291,6 +355,7 @@ async fn run_api(args: KubeApiArgs, controller_settings: Option<ControllerSettin
                 settings.config(Some(namespace)),
                 metrics,
                 Readiness::default(),
+                Leadership::unconditional(),
                 shutdown.wait(),
             );
             // If either half dies, the process exits; after a shutdown signal both end, and that is fine.

@@ -62,6 +62,7 @@ pub struct Metrics {
     run_duration: Histogram,
     runs_running: Gauge,
     reconcile_errors: Family<ReasonLabel, Counter>,
+    leader: Gauge,
     http_requests: Family<RequestLabels, Counter>,
     api_starts: Family<OutcomeLabel, Counter>,
 }
@@ -95,6 +96,7 @@ impl Metrics {
         let run_duration = Histogram::new([1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0]);
         let runs_running = Gauge::default();
         let reconcile_errors = Family::<ReasonLabel, Counter>::default();
+        let leader = Gauge::default();
         let http_requests = Family::<RequestLabels, Counter>::default();
         let api_starts = Family::<OutcomeLabel, Counter>::default();
         if runs {
@@ -107,6 +109,11 @@ impl Metrics {
             );
             registry.register("runs_running", "Runs executing now", runs_running.clone());
             registry.register("reconcile_errors", "Reconcile errors, by reason", reconcile_errors.clone());
+            registry.register(
+                "leader",
+                "1 while this controller reconciles (the elected leader, or the only one), else 0",
+                leader.clone(),
+            );
         }
         if api {
             registry.register(
@@ -123,6 +130,7 @@ impl Metrics {
             run_duration,
             runs_running,
             reconcile_errors,
+            leader,
             http_requests,
             api_starts,
         }
@@ -161,6 +169,10 @@ impl Metrics {
     /// Sets the running gauge from an authoritative count (the controller's cache).
     pub fn set_running(&self, n: i64) {
         self.runs_running.set(n);
+    }
+
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     pub fn reconcile_error(&self, reason: &'static str) {

@@ -33,6 +33,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::crd::{NotebookRun, NotebookRunStatus, RunPhase};
 use crate::job::{self, JobConfig};
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 
 pub const FIELD_MANAGER: &str = "notebook-operator";
@@ -81,6 +82,8 @@ pub struct Context {
     pub metrics: Metrics,
     pub recorder: Recorder,
     pub runs: Store<DeserializeGuard<NotebookRun>>,
+    /// Whether this process may reconcile (elected, or the only controller).
+    pub leadership: Leadership,
     /// Consecutive reconcile failures per run, for exponential backoff.
     pub failures: Mutex<HashMap<RunKey, u32>>,
     /// Log followers of cancelled runs (by run uid): they keep the partial notebook the runner
@@ -99,6 +102,11 @@ impl Readiness {
     pub fn is_ready(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
+
+    /// A standby replica is healthy while it waits to lead.
+    pub fn set_ready(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -111,6 +119,7 @@ pub async fn run(
     config: ControllerConfig,
     metrics: Metrics,
     readiness: Readiness,
+    leadership: Leadership,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let runs: Api<DeserializeGuard<NotebookRun>> = scoped(&client, config.namespace.as_deref());
@@ -135,6 +144,7 @@ pub async fn run(
         metrics,
         recorder,
         runs: store,
+        leadership,
         failures: Default::default(),
         followers: Default::default(),
         no_pod_since: Default::default(),
@@ -212,6 +222,10 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<NotebookRun>>, ctx: Arc<Conte
             return Ok(Action::await_change());
         }
     };
+    if !ctx.leadership.is_leading() {
+        // A leader whose lease ran out stops at once; the next leader takes the run from here.
+        return Ok(Action::await_change());
+    }
     let span = info_span!("reconcile", run = %run.name_any(), ns = %run.namespace().unwrap_or_default());
     let r = Reconciler { run, ctx: &ctx, ns: run.namespace().unwrap_or_default() };
     let action = async move {

@@ -9,14 +9,22 @@ use serde_json::json;
 use tracing::{debug, info};
 
 use super::{FIELD_MANAGER, Reconciler, Result};
+
+/// A status as stored, and the resourceVersion it was read at.
+pub(super) struct Stored {
+    pub status: NotebookRunStatus,
+    pub resource_version: Option<String>,
+}
 use crate::crd::{NotebookRun, NotebookRunStatus, Reason, RunPhase};
 use crate::status::{self, CONDITION_STOPPING};
 
 impl Reconciler<'_> {
-    /// The stored status (the cache may lag behind our own last write).
-    pub(super) async fn stored_status(&self) -> Result<NotebookRunStatus> {
+    /// The stored status (the cache may lag behind our own last write), with the resourceVersion
+    /// it was read at: the write that follows is conditional on it.
+    pub(super) async fn stored_status(&self) -> Result<Stored> {
         let runs: Api<NotebookRun> = self.api();
-        Ok(runs.get_status(&self.name()).await?.status.unwrap_or_default())
+        let run = runs.get_status(&self.name()).await?;
+        Ok(Stored { status: run.status.unwrap_or_default(), resource_version: run.metadata.resource_version })
     }
 
     /// Moves the run to `phase` with `reason`: status, condition, Event, metrics.
@@ -29,7 +37,8 @@ impl Reconciler<'_> {
     ) -> Result<()> {
         // Start from the stored status, and do not repeat a transition an earlier pass already
         // made (no second Event, metric or startTime).
-        let mut status = self.stored_status().await?;
+        let mut stored = self.stored_status().await?;
+        let status = &mut stored.status;
         if status.phase == Some(phase) && (phase == RunPhase::Running || phase.is_terminal()) {
             debug!(phase = phase.as_str(), "transition already made");
             return Ok(());
@@ -64,8 +73,9 @@ impl Reconciler<'_> {
             self.run.metadata.generation,
             now,
         );
-        edit(&mut status);
-        self.apply_status(&mut status).await?;
+        edit(status);
+        let (start_time, completion_time) = (status.start_time.clone(), status.completion_time.clone());
+        self.apply_status(&mut stored).await?;
         let kind = if matches!(phase, RunPhase::Failed | RunPhase::Rejected) {
             EventType::Warning
         } else {
@@ -76,11 +86,7 @@ impl Reconciler<'_> {
             self.ctx.metrics.run_started();
         }
         if phase.is_terminal() {
-            self.ctx.metrics.run_finished(
-                reason,
-                status.start_time.map(|t| t.0),
-                status.completion_time.map(|t| t.0),
-            );
+            self.ctx.metrics.run_finished(reason, start_time.map(|t| t.0), completion_time.map(|t| t.0));
         }
         info!(phase = phase.as_str(), reason = reason.as_str(), "transition");
         Ok(())
@@ -89,7 +95,8 @@ impl Reconciler<'_> {
     /// Says the run waits for its pods to stop before it lets the lock go (condition `Stopping`,
     /// an Event when what it waits for changes). `stuck` marks pods past their grace period.
     pub(super) async fn record_stopping(&self, waiting_for: &str, stuck: bool) -> Result<()> {
-        let mut status = self.stored_status().await?;
+        let mut stored = self.stored_status().await?;
+        let status = &mut stored.status;
         let reason = if stuck { "PodNotStopping" } else { "WaitingForPods" };
         let message = format!(
             "{waiting_for}; lock {} stays held until no pod of this run executes",
@@ -112,21 +119,23 @@ impl Reconciler<'_> {
             generation,
             now,
         );
-        self.apply_status(&mut status).await?;
+        self.apply_status(&mut stored).await?;
         let kind = if stuck { EventType::Warning } else { EventType::Normal };
         self.event(kind, "Stopping", message).await;
         Ok(())
     }
 
-    /// Server-side apply of the whole status: fields this manager no longer sets are removed.
-    pub(super) async fn apply_status(&self, status: &mut NotebookRunStatus) -> Result<()> {
-        status::bound(status);
+    /// Server-side apply of the whole status: fields this manager no longer sets are removed. The
+    /// write is conditional on the resourceVersion the status was read at, so a controller that
+    /// lost the lead (or raced another pass) cannot overwrite a newer status: it gets a conflict.
+    pub(super) async fn apply_status(&self, stored: &mut Stored) -> Result<()> {
+        status::bound(&mut stored.status);
         let runs: Api<NotebookRun> = self.api();
         let patch = json!({
             "apiVersion": "notebooks.dev/v1alpha1",
             "kind": "NotebookRun",
-            "metadata": {"name": self.name()},
-            "status": status,
+            "metadata": {"name": self.name(), "resourceVersion": stored.resource_version},
+            "status": stored.status,
         });
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         runs.patch_status(&self.name(), &pp, &Patch::Apply(&patch)).await?;

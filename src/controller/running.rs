@@ -107,11 +107,11 @@ impl Reconciler<'_> {
 
     /// The run fails once its pods are gone; until then the status says why it stops.
     async fn stop_unstarted(&self, reason: Reason, message: String) -> Result<Action> {
-        let mut status = self.stored_status().await?;
-        if status.reason != Some(reason) {
-            status.reason = Some(reason);
-            status.message = Some(message.clone());
-            self.apply_status(&mut status).await?;
+        let mut stored = self.stored_status().await?;
+        if stored.status.reason != Some(reason) {
+            stored.status.reason = Some(reason);
+            stored.status.message = Some(message.clone());
+            self.apply_status(&mut stored).await?;
         }
         if let Some(wait) = self.stop_pods(false).await? {
             return Ok(wait);
@@ -182,14 +182,14 @@ impl Reconciler<'_> {
             || image_id != status.image_id
         {
             // Never write a cached (possibly stale) status over a newer one: re-read it.
-            let mut status = self.stored_status().await?;
-            if status.phase != Some(RunPhase::Running) {
+            let mut stored = self.stored_status().await?;
+            if stored.status.phase != Some(RunPhase::Running) {
                 return Ok(());
             }
-            status.progress = progress;
-            status.pod_name = Some(pod_name);
-            status.image_id = image_id;
-            self.apply_status(&mut status).await?;
+            stored.status.progress = progress;
+            stored.status.pod_name = Some(pod_name);
+            stored.status.image_id = image_id;
+            self.apply_status(&mut stored).await?;
         }
         Ok(())
     }
