@@ -269,6 +269,9 @@ async fn default_render_is_namespaced_and_locked_down() {
         ("ServiceAccount", "nbo-notebook-operator-api"),
         ("Role", "nbo-notebook-operator-controller"),
         ("RoleBinding", "nbo-notebook-operator-controller"),
+        ("Role", "nbo-notebook-operator-controller-election"),
+        ("RoleBinding", "nbo-notebook-operator-controller-election"),
+        ("PodDisruptionBudget", "nbo-notebook-operator-controller"),
         ("Role", "nbo-notebook-operator-api"),
         ("RoleBinding", "nbo-notebook-operator-api"),
         ("Deployment", "nbo-notebook-operator-controller"),
@@ -334,13 +337,24 @@ async fn default_render_is_namespaced_and_locked_down() {
 
     let controller: Deployment = m.get("Deployment", "nbo-notebook-operator-controller");
     let spec = controller.spec.as_ref().unwrap();
-    assert_eq!(spec.replicas, Some(1));
-    assert_eq!(
-        spec.strategy.as_ref().and_then(|s| s.type_.as_deref()),
-        Some("Recreate"),
-        "never two controllers"
-    );
+    assert_eq!(spec.replicas, Some(2), "a leader and a standby");
+    assert_eq!(spec.strategy.as_ref().and_then(|s| s.type_.as_deref()), Some("RollingUpdate"));
     let c = container(&controller, "controller");
+    assert!(c.args.iter().flatten().any(|a| a == "--leader-elect"), "only the elected leader reconciles");
+    assert_eq!(arg_value(c, "--leader-election-namespace").as_deref(), Some("team-a"));
+    let pdb: k8s_openapi::api::policy::v1::PodDisruptionBudget =
+        m.get("PodDisruptionBudget", "nbo-notebook-operator-controller");
+    assert_eq!(
+        pdb.spec.unwrap().min_available,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    let election: k8s_openapi::api::rbac::v1::Role =
+        m.get("Role", "nbo-notebook-operator-controller-election");
+    assert_eq!(
+        election.metadata.namespace.as_deref(),
+        Some("team-a"),
+        "the election Lease in its own namespace only"
+    );
     assert_eq!(arg_value(c, "--listen").as_deref(), Some("0.0.0.0:8081"));
     let pod_name = c.env.iter().flatten().find(|e| e.name == "POD_NAME").expect("POD_NAME");
     assert_eq!(
@@ -515,7 +529,7 @@ async fn non_default_values_render_what_they_say() {
     let off = render(cp, "ops", &["api.enabled=false"]);
     let names: Vec<String> = off.docs.iter().map(|d| str_at(d, "/metadata/name")).collect();
     assert!(
-        names.iter().all(|n| n == "nbo-notebook-operator-controller"),
+        names.iter().all(|n| n.starts_with("nbo-notebook-operator-controller")),
         "only the controller's objects: {names:?}"
     );
 }
@@ -540,7 +554,9 @@ fn schema_and_templates_refuse_bad_values() {
         (&["api.lock=Not_A_Name"], "/api/lock"),
         (&["controller.cancelGrace=soon"], "/controller/cancelGrace"),
         (&["controller.resources.limits.memory=lots"], "/controller/resources/limits/memory"),
-        (&["controller.replicas=2"], "additional properties 'replicas' not allowed"),
+        (&["controller.replicas=0"], "/controller/replicas"),
+        (&["controller.leaderElection.enabled=false"], "controller.replicas must be 1"),
+        (&["controller.leaderElection.leaseDuration=long"], "/controller/leaderElection/leaseDuration"),
         (&["api.notebook.path=relative.ipynb"], "/api/notebook/path"),
         (
             &["api.notebook.path=/a.ipynb", "api.notebook.configMap=b"],
@@ -977,7 +993,7 @@ fn service_account_kubeconfig(cp: &ControlPlane, ns: &str, account: &str, dir: &
 
 /// The chart's container as a host command: its command, arguments and environment, with the
 /// image's binary swapped for the one under test and `adapt` applied to each argument.
-fn command_of(c: &Container, pod_name: &str, adapt: impl Fn(&str) -> String) -> Command {
+fn command_of(c: &Container, pod_name: &str, pod_namespace: &str, adapt: impl Fn(&str) -> String) -> Command {
     let command = c.command.clone().expect("an explicit command");
     assert_eq!(command[0], BINARY_IN_IMAGE);
     let mut cmd = Command::new(BIN);
@@ -986,11 +1002,11 @@ fn command_of(c: &Container, pod_name: &str, adapt: impl Fn(&str) -> String) -> 
     for var in c.env.iter().flatten() {
         let value = match (&var.value, &var.value_from) {
             (Some(v), _) => v.clone(),
-            (None, Some(from)) => {
-                let field = from.field_ref.as_ref().map(|f| f.field_path.as_str());
-                assert_eq!(field, Some("metadata.name"), "{}: unexpected env source", var.name);
-                pod_name.to_string()
-            }
+            (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                Some("metadata.name") => pod_name.to_string(),
+                Some("metadata.namespace") => pod_namespace.to_string(),
+                other => panic!("{}: unexpected env source {other:?}", var.name),
+            },
             (None, None) => String::new(),
         };
         cmd.env(&var.name, value);
@@ -1081,7 +1097,7 @@ async fn the_charts_service_accounts_run_notebooks_and_nothing_more() {
 
     // The controller, as the chart runs it.
     let deployment: Deployment = m.get("Deployment", &format!("{FULLNAME}-controller"));
-    let mut cmd = command_of(container(&deployment, "controller"), "controller-0", |arg| {
+    let mut cmd = command_of(container(&deployment, "controller"), "controller-0", &ns, |arg| {
         if arg.starts_with("--listen=") { "--listen=127.0.0.1:0".into() } else { arg.to_string() }
     });
     cmd.env("KUBECONFIG", &controller_kubeconfig);
@@ -1119,7 +1135,7 @@ async fn the_charts_service_accounts_run_notebooks_and_nothing_more() {
     let token_file = dir.path().join("token");
     fs::write(&token_file, &token).unwrap();
     let port = free_port();
-    let mut cmd = command_of(container(&deployment, "api"), "api-0", |arg| {
+    let mut cmd = command_of(container(&deployment, "api"), "api-0", &ns, |arg| {
         if arg.starts_with("--listen=") {
             format!("--listen=127.0.0.1:{port}")
         } else if arg.starts_with("--token-file=") {
