@@ -5,6 +5,7 @@ pub mod api;
 pub mod backend;
 pub mod controller;
 pub mod crd;
+pub mod failpoint;
 pub mod job;
 pub mod leader;
 pub mod lock;

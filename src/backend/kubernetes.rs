@@ -236,6 +236,7 @@ impl Backend for Arc<KubeBackend> {
             }
             e => KubeBackend::api_error(&id, "create the run")(e),
         })?;
+        crate::failpoint::crash_after("after-create");
         let Some(run) = self.wait_cached(&id, self.config.admit_timeout, admitted).await else {
             self.delete_run(&id).await;
             return Err(BackendError::Unavailable(format!(

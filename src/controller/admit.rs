@@ -77,6 +77,7 @@ impl Reconciler<'_> {
                 }
                 if lock::acquire(&leases, self.run).await? {
                     info!(lock = %self.run.spec.lock, "lock acquired");
+                    crate::failpoint::crash_after("after-lease");
                     self.start().await
                 } else {
                     Ok(Action::requeue(Duration::from_millis(100)))
@@ -189,7 +190,7 @@ impl Reconciler<'_> {
             return self.fail_now(Reason::InvalidNotebook, message).await;
         }
         match self.create_child(&inputs).await? {
-            Created::Ready => {}
+            Created::Ready => crate::failpoint::crash_after("after-inputs"),
             Created::Wait => return Ok(Action::requeue(Duration::from_secs(1))),
             Created::Conflict(message) => return self.fail_now(Reason::NameConflict, message).await,
             Created::Refused(why) => {
@@ -205,7 +206,7 @@ impl Reconciler<'_> {
         }
         let job_name = desired.name_any();
         match self.create_child(&desired).await? {
-            Created::Ready => {}
+            Created::Ready => crate::failpoint::crash_after("after-job"),
             Created::Wait => return Ok(Action::requeue(Duration::from_secs(1))),
             Created::Conflict(message) => return self.fail_now(Reason::NameConflict, message).await,
             Created::Refused(why) => {

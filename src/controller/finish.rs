@@ -142,6 +142,7 @@ impl Reconciler<'_> {
 
     /// Finished: the lock is released, the finalizer dropped, and the run goes when its TTL is up.
     pub(super) async fn finished(&self) -> Result<Action> {
+        crate::failpoint::crash_after("before-release");
         self.release_lock().await?;
         let dropped = self.remove_finalizer().await?;
         if dropped != Action::await_change() {

@@ -56,8 +56,18 @@ pub enum NodeKind {
 /// the test process exits.
 pub struct ControlPlane {
     info: Arc<Info>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    orders: Option<tokio::sync::mpsc::UnboundedSender<Order>>,
     thread: Option<thread::JoinHandle<()>>,
+}
+
+/// What the control-plane thread is asked to do.
+enum Order {
+    /// Kill one daemon, keep it down for a while, start it again with the same data, wait until it serves.
+    Outage {
+        daemon: &'static str,
+        downtime: Duration,
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
 }
 
 struct Info {
@@ -83,6 +93,9 @@ struct Info {
 struct Running {
     daemons: Vec<Daemon>,
     node: RunningNode,
+    http: reqwest::Client,
+    /// Each daemon's health URL, and the token it needs.
+    health: Vec<(&'static str, String, Option<String>)>,
 }
 
 enum RunningNode {
@@ -142,7 +155,7 @@ impl ControlPlane {
             process::keep_dirs();
         }
         let (ready_tx, ready_rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (orders_tx, mut orders_rx) = tokio::sync::mpsc::unbounded_channel::<Order>();
         let boot_dir = dir.clone();
         // Children are spawned from this thread and its runtime's workers, which
         // live as long as the control plane: PR_SET_PDEATHSIG follows threads.
@@ -155,9 +168,17 @@ impl ControlPlane {
                 .expect("control-plane runtime");
             runtime.block_on(async move {
                 match boot(&boot_dir, &assets, kind).await {
-                    Ok((running, info)) => {
+                    Ok((mut running, info)) => {
                         let _ = ready_tx.send(Ok(info));
-                        let _ = stop_rx.await;
+                        // Until the ControlPlane is dropped (the channel closes).
+                        while let Some(order) = orders_rx.recv().await {
+                            match order {
+                                Order::Outage { daemon, downtime, done } => {
+                                    let outcome = running.outage(daemon, downtime).await;
+                                    let _ = done.send(outcome.map_err(|e| format!("{e:#}")));
+                                }
+                            }
+                        }
                         running.stop().await;
                     }
                     Err(e) => {
@@ -175,7 +196,7 @@ impl ControlPlane {
                     info.server,
                     info.kubeconfig.display()
                 );
-                Ok(ControlPlane { info: Arc::new(info), stop: Some(stop_tx), thread: Some(thread) })
+                Ok(ControlPlane { info: Arc::new(info), orders: Some(orders_tx), thread: Some(thread) })
             }
             Ok(Err(e)) => {
                 let _ = thread.join();
@@ -186,6 +207,18 @@ impl ControlPlane {
                 let _ = thread.join();
                 bail!("the control-plane thread died; see {}", dir.display())
             }
+        }
+    }
+
+    /// Kills `daemon` (`etcd`, `kube-apiserver` or `kube-controller-manager`), keeps it down for
+    /// `downtime`, starts it again on the same data and ports, and returns once it serves.
+    #[allow(dead_code)] // the fault-injection tests only
+    pub async fn outage(&self, daemon: &'static str, downtime: Duration) {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let orders = self.orders.as_ref().expect("the control plane runs");
+        orders.send(Order::Outage { daemon, downtime, done }).expect("the control-plane thread runs");
+        if let Err(e) = outcome.await.expect("the control-plane thread answers") {
+            panic!("{daemon} did not come back: {e}");
         }
     }
 
@@ -329,9 +362,8 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        // Closing the channel stops the control-plane thread.
+        drop(self.orders.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -344,6 +376,21 @@ impl Drop for ControlPlane {
 }
 
 impl Running {
+    /// `daemon` (etcd, kube-apiserver, kube-controller-manager) killed, down for `downtime`, then
+    /// started again on the same data and ports; returns once it serves again.
+    async fn outage(&mut self, daemon: &str, downtime: Duration) -> anyhow::Result<()> {
+        let Some(d) = self.daemons.iter_mut().find(|d| d.name() == daemon) else {
+            bail!("no daemon {daemon}");
+        };
+        d.kill();
+        tokio::time::sleep(downtime).await;
+        d.respawn()?;
+        if let Some((_, url, token)) = self.health.iter().find(|(name, _, _)| *name == daemon) {
+            poll_until_ok(&self.http, url, token.as_deref(), d).await?;
+        }
+        Ok(())
+    }
+
     async fn stop(self) {
         match self.node {
             RunningNode::Test(kubelet) => kubelet.stop().await,
@@ -581,7 +628,11 @@ async fn boot(dir: &Path, assets: &Path, kind: NodeKind) -> anyhow::Result<(Runn
         startup: started.elapsed(),
         lifetimes,
     };
-    Ok((Running { daemons, node }, info))
+    let health = vec![
+        ("etcd", format!("{etcd_url}/health"), None),
+        ("kube-apiserver", format!("{}/readyz", info.server), Some(info.token.clone())),
+    ];
+    Ok((Running { daemons, node, http, health }, info))
 }
 
 /// Polls `url` until it answers 200, failing early when `daemon` exits.

@@ -116,6 +116,8 @@ extern "C" fn kill_everything_at_exit() {
 /// goes to a log file. Killed, with its group, on drop.
 pub struct Daemon {
     name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
     child: Child,
     log: PathBuf,
     reaped: bool,
@@ -124,13 +126,31 @@ pub struct Daemon {
 impl Daemon {
     pub fn spawn(name: &'static str, program: &Path, args: &[String], log: PathBuf) -> anyhow::Result<Self> {
         let out = fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let child = Self::start(program, args, out)?;
+        Ok(Self { name, program: program.to_path_buf(), args: args.to_vec(), child, log, reaped: false })
+    }
+
+    fn start(program: &Path, args: &[String], out: fs::File) -> anyhow::Result<Child> {
         let err = out.try_clone()?;
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
         contain(&mut cmd);
         let child = cmd.spawn().with_context(|| format!("spawn {}", program.display()))?;
         track_group(child.id() as i32);
-        Ok(Self { name, child, log, reaped: false })
+        Ok(child)
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Starts it again, as it was started (its log continues), after a [`Daemon::kill`].
+    pub fn respawn(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let out = fs::OpenOptions::new().append(true).open(&self.log)?;
+        self.child = Self::start(&self.program, &self.args, out)?;
+        self.reaped = false;
+        Ok(())
     }
 
     pub fn pid(&self) -> u32 {
