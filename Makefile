@@ -23,7 +23,8 @@ IMAGE ?= notebook-operator:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.tom
 help:
 	@echo "make run            serve the local backend on $(NOTEBOOK) (http://$(LISTEN)/docs/)"
 	@echo "make test           every test: unit, runner, local API, end-to-end on a real control plane"
-	@echo "make control-plane  build (once) kube-apiserver, kube-controller-manager, kubectl, etcd, helm"
+	@echo "make control-plane  build (once) kube-apiserver, kube-controller-manager, kubectl, etcd, helm,"
+	@echo "                    kubelet and kube-scheduler (the real node)"
 	@echo "make dev-cluster    control plane + test kubelet in the foreground, kubeconfig in .dev-cluster/"
 	@echo "                    (NODE=real: a real kubelet, containerd and runc; needs root)"
 	@echo "make crds           regenerate crds/notebookrun.yaml (and the chart's copy, and deploy/)"
