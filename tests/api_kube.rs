@@ -1,6 +1,8 @@
 //! The REST API on the kubernetes backend, on the real control plane: `/start` creates a
 //! NotebookRun the controller admits, reads come from the cache, `/kill` sets `cancel`.
 
+#[path = "support/api_tools.rs"]
+mod api_tools;
 mod support;
 
 use std::io::{BufRead, BufReader};
@@ -42,11 +44,18 @@ enum Mode {
 }
 
 async fn start_api(cp: &ControlPlane, ns: &str, mode: Mode) -> ApiServer {
-    start_api_as(ns, mode, cp.kubeconfig(), Stdio::inherit()).await
+    start_api_as(ns, mode, cp.kubeconfig(), Stdio::inherit(), None).await
 }
 
-/// `start_api` with the credentials of `kubeconfig`, the facade's log going to `stderr`.
-async fn start_api_as(ns: &str, mode: Mode, kubeconfig: &Path, stderr: Stdio) -> ApiServer {
+/// `start_api` with the credentials of `kubeconfig`, the facade's log going to `stderr`, and
+/// the bearer `token` when there is one.
+async fn start_api_as(
+    ns: &str,
+    mode: Mode,
+    kubeconfig: &Path,
+    stderr: Stdio,
+    token: Option<&str>,
+) -> ApiServer {
     let (command, admit_timeout) = match mode {
         Mode::WithController => ("api", "20s"),
         Mode::WithoutController => ("api", "3s"),
@@ -66,6 +75,9 @@ async fn start_api_as(ns: &str, mode: Mode, kubeconfig: &Path, stderr: Stdio) ->
             "--progress-interval",
             "300ms",
         ]);
+    }
+    if let Some(token) = token {
+        cmd.args(["--token", token]);
     }
     process::contain(&mut cmd);
     let mut child = cmd.spawn().expect("spawn notebook-operator api");
@@ -400,7 +412,7 @@ async fn a_refused_api_call_answers_a_clear_message_and_logs_the_detail() {
     let kubeconfig = service_account_kubeconfig(cp, &ns, "watch-only", rules, dir.path()).await;
     let log_path = dir.path().join("api.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let api = start_api_as(&ns, Mode::WithoutController, &kubeconfig, Stdio::from(log)).await;
+    let api = start_api_as(&ns, Mode::WithoutController, &kubeconfig, Stdio::from(log), None).await;
 
     for path in ["/start", "/runs"] {
         let (code, body) = api.post_json(path, &json!({"parameters": {"x": 1}})).await;
@@ -455,4 +467,23 @@ async fn follow_streams_a_log_with_an_odd_byte_and_a_long_line_to_the_end() {
     );
     let done = env.api.wait_status(&id, "SUCCESS").await;
     assert_eq!(done["progress"]["percent"], 100, "{done}");
+}
+
+#[tokio::test]
+async fn openapi_document_validates_and_schemathesis_finds_nothing_with_auth_on() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.namespace("openapi").await;
+    let cm: ConfigMap = from_json(
+        json!({"metadata": {"name": "nb"}, "data": {"notebook.ipynb": ipynb(&["x = 1", "print(x)"])}}),
+    );
+    ns.api::<ConfigMap>().create(&PostParams::default(), &cm).await.unwrap();
+    let _op = Operator::start(cp, &ns);
+    let api =
+        start_api_as(&ns, Mode::WithController, cp.kubeconfig(), Stdio::inherit(), Some("s3cret")).await;
+
+    let doc = api_tools::validate_document(&api.url, Some("s3cret")).await;
+    assert_eq!(doc["security"], json!([{"bearer": []}]), "with a token, the document asks for it");
+    api_tools::schemathesis(&api.url, "s3cret", 10).await;
+    assert!(!runs(&ns).await.is_empty(), "schemathesis started runs through the facade");
 }

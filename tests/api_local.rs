@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+#[path = "support/api_tools.rs"]
+mod api_tools;
 #[path = "support/notebook.rs"]
 mod notebook_support;
 use notebook_support::ipynb as notebook;
@@ -164,6 +166,7 @@ async fn seed_flow_matches_the_original() {
     let id = started["id"].as_str().expect("id").to_string();
     assert_eq!(started["status"], "STARTED");
     assert!(started["date"].is_null());
+    assert_eq!(started["message"], "running notebook.ipynb", "the notebook's name, not its path here");
 
     let (code, again) = s.post("/start", None).await;
     assert_eq!((code, again), (400, json!({"detail": format!("Another task is already running: {id}")})));
@@ -372,7 +375,9 @@ async fn bad_bodies_get_413_and_422() {
     let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None }).await;
     let big = format!("{{\"parameters\": {{\"x\": \"{}\"}}}}", "a".repeat(1024 * 1024 + 1024));
     assert_eq!(s.post("/start", Some(&big)).await.0, 413);
-    for bad in [r#"{"parameters": {}, "extra": 1}"#, "not json", r#"{"parameters": [1, 2]}"#] {
+    for bad in
+        [r#"{"parameters": {}, "extra": 1}"#, "not json", r#"{"parameters": [1, 2]}"#, "[null]", "[]", "7"]
+    {
         let (code, body) = s.post("/start", Some(bad)).await;
         assert_eq!(code, 422, "{bad}: {body}");
         assert!(body["detail"].is_string());
@@ -382,6 +387,8 @@ async fn bad_bodies_get_413_and_422() {
     assert_eq!(code, 422, "{body}");
     assert!(body["detail"].as_str().unwrap().starts_with("invalid query"), "{body}");
     assert_eq!(s.get("/runs?limit=x").await.0, 422);
+    assert_eq!(s.get("/runs?limit=0").await.0, 422, "limit is 1 to 500, as documented");
+    assert_eq!(s.get("/runs?limit=501").await.0, 422);
     assert_eq!(s.get("/runs?continue=gone").await.0, 422, "an unknown continue token is refused");
     assert_eq!(s.get("/nowhere").await, (404, json!({"detail": "Not Found"})));
     let resp = s.http.delete(format!("{}/start", s.url)).send().await.unwrap();
@@ -455,9 +462,61 @@ async fn openapi_lists_every_route() {
     }
     assert!(paths["/start"]["get"].is_object() && paths["/start"]["post"].is_object());
     assert!(paths["/start"]["get"]["responses"]["400"].is_object());
+    // Query parameters are declared where they are read; no token, no security requirement.
+    for (path, names) in [
+        ("/progress", &["task_id"][..]),
+        ("/output", &["task_id", "full", "follow"]),
+        ("/runs", &["limit", "continue"]),
+    ] {
+        let params = paths[path]["get"]["parameters"].as_array().unwrap();
+        let declared: Vec<(&str, &str, bool)> = params
+            .iter()
+            .map(|p| (p["name"].as_str().unwrap(), p["in"].as_str().unwrap(), p["required"] == true))
+            .collect();
+        let expected: Vec<(&str, &str, bool)> = names.iter().map(|n| (*n, "query", false)).collect();
+        assert_eq!(declared, expected, "{path}");
+    }
+    assert_eq!(paths["/start"]["get"]["operationId"], "start_get");
+    assert_eq!(paths["/start"]["post"]["operationId"], "start_post");
+    assert!(doc.get("security").is_none(), "no token, no security requirement: {}", doc["security"]);
+    assert!(doc["components"]["securitySchemes"].get("bearer").is_none());
+    api_tools::validate_document(&s.url, None).await;
     let (code, html) = s.text("/docs/").await;
     assert_eq!(code, 200);
     assert!(html.contains("swagger"), "Swagger UI is served from the binary");
+}
+
+#[tokio::test]
+async fn openapi_document_validates_and_schemathesis_finds_nothing_with_auth_on() {
+    let s = start_server(Options {
+        notebook: &notebook(&["x = 1", "print(x)"]),
+        data_dir: None,
+        token: Some("s3cret"),
+    })
+    .await;
+    let doc = api_tools::validate_document(&s.url, Some("s3cret")).await;
+    assert_eq!(doc["security"], json!([{"bearer": []}]), "with a token, the document asks for it");
+    assert_eq!(doc["paths"]["/ping"]["get"]["security"], json!([{}]), "/ping stays open");
+    api_tools::schemathesis(&s.url, "s3cret", 10).await;
+
+    // The runs it started say what they run, never where the notebook lies on this server.
+    let page: Value = s
+        .http
+        .get(format!("{}/runs?limit=500", s.url))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let runs = page["items"].as_array().unwrap();
+    assert!(!runs.is_empty(), "schemathesis started runs");
+    let root = s.data_dir.parent().unwrap().to_str().unwrap();
+    for run in runs {
+        let message = run["message"].as_str().unwrap_or_default();
+        assert!(!message.contains(root) && !message.contains("/tmp/"), "{run}");
+    }
 }
 
 #[tokio::test]

@@ -56,8 +56,9 @@ impl From<BackendError> for ApiError {
     }
 }
 
-/// A JSON body that may be absent (empty), answering 413 past the body limit and 422 for
-/// anything that is not the expected JSON (unknown fields included), whatever the content type.
+/// A JSON object body that may be absent (empty, or `null`), answering 413 past the body limit
+/// and 422 for anything that is not the expected object (an array, which serde would read as the
+/// struct's fields in order, and unknown fields included), whatever the content type.
 pub struct OptionalJson<T>(pub Option<T>);
 
 impl<S, T> FromRequest<S> for OptionalJson<T>
@@ -74,9 +75,19 @@ where
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Self(None));
         }
-        serde_json::from_slice(&bytes).map(|v| Self(Some(v))).map_err(|e| {
+        let invalid = |e: serde_json::Error| {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("invalid request body: {e}"))
-        })
+        };
+        match serde_json::from_slice::<serde_json::Value>(&bytes).map_err(invalid)? {
+            serde_json::Value::Null => Ok(Self(None)),
+            body @ serde_json::Value::Object(_) => {
+                serde_json::from_value(body).map(|v| Self(Some(v))).map_err(invalid)
+            }
+            _ => Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid request body: expected a JSON object",
+            )),
+        }
     }
 }
 

@@ -55,7 +55,7 @@ struct ApiDoc;
 
 /// The routes and the OpenAPI document built from the same handlers, so they cannot drift.
 fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(seed::start))
         .routes(routes!(seed::progress))
         .routes(routes!(seed::output))
@@ -69,16 +69,41 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
-        .split_for_parts()
+        .split_for_parts();
+    unique_operation_ids(&mut doc);
+    (router, doc)
 }
 
-/// The OpenAPI 3.1 document served at `/openapi.json`.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().1
+/// `method(get, post)` gives both operations the handler's name; an operation id must be unique
+/// in the document, so each of the pair becomes `<name>_get` and `<name>_post`.
+fn unique_operation_ids(doc: &mut utoipa::openapi::OpenApi) {
+    for item in doc.paths.paths.values_mut() {
+        let (Some(get), Some(post)) = (item.get.as_mut(), item.post.as_mut()) else { continue };
+        if let (Some(g), Some(p)) = (get.operation_id.as_mut(), post.operation_id.as_mut())
+            && g == p
+        {
+            p.push_str("_post");
+            g.push_str("_get");
+        }
+    }
+}
+
+/// The OpenAPI 3.1 document served at `/openapi.json`: it asks for the bearer token only when
+/// the server has one.
+pub fn openapi(token: bool) -> utoipa::openapi::OpenApi {
+    let mut doc = routes().1;
+    if !token {
+        doc.security = None;
+        if let Some(components) = doc.components.as_mut() {
+            components.security_schemes.remove(auth::BEARER);
+        }
+    }
+    doc
 }
 
 pub fn router(state: AppState) -> Router {
-    let (api, doc) = routes();
+    let (api, _) = routes();
+    let doc = openapi(state.token.is_some());
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

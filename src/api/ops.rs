@@ -26,7 +26,9 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Prometheus metrics (text exposition format).
-#[utoipa::path(get, path = "/metrics", tag = "ops", security(()), responses((status = 200, description = "metrics", body = String, content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", tag = "ops", security(()), responses(
+    (status = 200, description = "metrics (OpenMetrics text)", body = String, content_type = "application/openmetrics-text")
+))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],

@@ -13,8 +13,10 @@ use super::{ApiError, AppState, ErrorBody};
 use crate::backend::{BackendError, RunInfo, RunPage};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Page size (1 to 500, default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
     /// The `continue` token of the previous page.
     #[serde(rename = "continue")]
@@ -23,6 +25,7 @@ pub struct ListQuery {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogsQuery {
     /// Stream until the run ends.
     #[serde(default)]
@@ -64,14 +67,19 @@ pub async fn create_run(
     params(ListQuery),
     responses(
         (status = 200, description = "one page of runs", body = RunPage),
-        (status = 401, description = "missing or wrong token", body = ErrorBody)
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 422, description = "invalid query: `limit` outside 1 to 500, or an unknown `continue` token", body = ErrorBody)
     )
 )]
 pub async fn list_runs(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<ListQuery>,
 ) -> Result<Json<RunPage>, ApiError> {
-    Ok(Json(state.backend.list(q.limit.unwrap_or(50), q.continue_token.as_deref()).await?))
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid query: limit must be 1 to 500"));
+    }
+    Ok(Json(state.backend.list(limit, q.continue_token.as_deref()).await?))
 }
 
 #[utoipa::path(
@@ -101,7 +109,8 @@ pub async fn get_run(
     responses(
         (status = 200, description = "the log", body = String, content_type = "text/plain"),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
-        (status = 404, description = "unknown run", body = ErrorBody)
+        (status = 404, description = "unknown run", body = ErrorBody),
+        (status = 422, description = "invalid query", body = ErrorBody)
     )
 )]
 pub async fn run_logs(

@@ -62,12 +62,14 @@ pub struct StartBody {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct TaskQuery {
     /// The run; default the current or last one.
     pub task_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct OutputQuery {
     /// The run; default the current or last one.
     pub task_id: Option<String>,
@@ -143,7 +145,8 @@ pub async fn start(
     responses(
         (status = 200, description = "the run", body = SeedTask),
         (status = 400, description = "unknown task_id (`Could not find task <id>`), or no run ever ran", body = ErrorBody),
-        (status = 401, description = "missing or wrong token", body = ErrorBody)
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 422, description = "invalid query", body = ErrorBody)
     )
 )]
 pub async fn progress(
@@ -161,10 +164,14 @@ pub async fn progress(
     tag = "seed",
     params(OutputQuery),
     responses(
-        (status = 200, description = "the output", body = String, content_type = "text/plain"),
+        (status = 200, description = "the output (text), the executed notebook with `full=true`, or the live log with `follow=true`", content(
+            (String = "text/plain"),
+            (Object = "application/x-ipynb+json")
+        )),
         (status = 400, description = "unknown task_id (`Could not find task <id>`), the run has not finished, or no run ever ran", body = ErrorBody),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
-        (status = 404, description = "no executed notebook, or no log to follow", body = ErrorBody)
+        (status = 404, description = "no executed notebook, or no log to follow", body = ErrorBody),
+        (status = 422, description = "invalid query", body = ErrorBody)
     )
 )]
 pub async fn output(
@@ -227,7 +234,8 @@ pub fn output_text(run: &RunInfo) -> String {
     responses(
         (status = 200, description = "the run, once the cancel is recorded", body = SeedTask),
         (status = 400, description = "unknown task_id (`Could not find task <id>`), or no run ever ran", body = ErrorBody),
-        (status = 401, description = "missing or wrong token", body = ErrorBody)
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 422, description = "invalid query", body = ErrorBody)
     )
 )]
 pub async fn kill(
@@ -239,7 +247,9 @@ pub async fn kill(
 }
 
 /// Liveness, as the original answered it.
-#[utoipa::path(get, path = "/ping", tag = "seed", security(()), responses((status = 200, description = "alive", body = String, example = json!("I am alive"))))]
+#[utoipa::path(get, path = "/ping", tag = "seed", security(()), responses(
+    (status = 200, description = "alive", body = String, content_type = "application/json", example = json!("I am alive"))
+))]
 pub async fn ping() -> Json<&'static str> {
     Json("I am alive")
 }

@@ -158,25 +158,24 @@ impl LocalBackend {
         run: &mut RunInfo,
         dir: &Path,
     ) -> std::io::Result<(Pid, watch::Receiver<u64>, Arc<AtomicBool>)> {
-        let input = dir.join(INPUT_FILE);
-        let notebook = match tokio::fs::copy(&self.config.notebook, &input).await {
-            Ok(_) => input,
-            // The runner reports NotebookNotFound for a notebook that is gone.
-            Err(_) => self.config.notebook.clone(),
-        };
+        // The runner works in the run's folder and is given names relative to it, so what it
+        // reports (served as the run's message) never carries a path on this server. A
+        // notebook that is gone leaves no copy, and the runner reports NotebookNotFound.
+        if let Err(e) = tokio::fs::copy(&self.config.notebook, dir.join(INPUT_FILE)).await {
+            warn!(run = %run.id, notebook = %self.config.notebook.display(), error = %e, "could not read the notebook");
+        }
         let mut cmd = tokio::process::Command::new(&self.config.python);
         cmd.arg("-u")
             .arg(&self.runner)
             .arg("--notebook")
-            .arg(&notebook)
+            .arg(INPUT_FILE)
             .arg("--output")
-            .arg(dir.join(NOTEBOOK_FILE))
+            .arg(NOTEBOOK_FILE)
             .arg("--termination-log")
-            .arg(dir.join(TERMINATION_FILE));
+            .arg(TERMINATION_FILE);
         if let Some(parameters) = &run.parameters {
-            let path = dir.join(PARAMETERS_FILE);
-            write_atomic(&path, &serde_json::to_vec(parameters)?)?;
-            cmd.arg("--parameters").arg(path);
+            write_atomic(&dir.join(PARAMETERS_FILE), &serde_json::to_vec(parameters)?)?;
+            cmd.arg("--parameters").arg(PARAMETERS_FILE);
         }
         if let Some(timeout) = self.config.cell_timeout {
             cmd.arg("--cell-timeout").arg(timeout.as_secs().max(1).to_string());
@@ -368,7 +367,8 @@ impl Backend for Arc<LocalBackend> {
             id: super::new_run_id(),
             phase: RunPhase::Running,
             reason: Some(Reason::Started),
-            message: Some(format!("running {}", self.config.notebook.display())),
+            // The notebook's name, never its path on this server (the message is served).
+            message: Some(format!("running {}", notebook_name(&self.config.notebook))),
             progress: None,
             error: None,
             created_at: now,
@@ -387,7 +387,8 @@ impl Backend for Arc<LocalBackend> {
             Err(e) => {
                 run.phase = RunPhase::Failed;
                 run.reason = Some(Reason::PodFailed);
-                run.message = Some(format!("could not start {}: {e}", self.config.python.display()));
+                warn!(run = %run.id, python = %self.config.python.display(), error = %e, "could not start the runner");
+                run.message = Some(format!("could not start the runner's Python: {e}"));
                 run.finished_at = Some(Timestamp::now());
                 self.persist(&run, None);
                 state.runs.insert(run.id.clone(), run.clone());
@@ -514,6 +515,11 @@ fn follow_file(
             yield Bytes::from(rest);
         }
     }
+}
+
+/// A notebook's file name, for messages.
+fn notebook_name(path: &Path) -> std::borrow::Cow<'_, str> {
+    path.file_name().unwrap_or(path.as_os_str()).to_string_lossy()
 }
 
 fn standing(run: &RunInfo) -> Standing<'_> {
