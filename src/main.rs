@@ -15,6 +15,8 @@ use notebook_operator::metrics::Metrics;
 use notebook_operator::telemetry::{self, LogFormat};
 use tracing::info;
 
+mod cli;
+
 #[derive(Parser)]
 #[command(
     name = "notebook-operator",
@@ -44,6 +46,8 @@ enum Command {
     All(AllArgs),
     /// Print the NotebookRun CRD as YAML.
     Crd,
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 #[derive(Args)]
@@ -245,6 +249,14 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Client(command) = cli.command {
+        // A client's terminal shows the run, not the library's logs.
+        let code = cli::main(command).await.unwrap_or_else(|e| {
+            eprintln!("error: {e:#}");
+            1
+        });
+        std::process::exit(code);
+    }
     telemetry::init(cli.log_format);
     match cli.command {
         Command::Crd => {
@@ -255,6 +267,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Controller(args) => run_controller(args).await,
         Command::Api(args) => run_api(args, None).await,
         Command::All(args) => run_api(args.api, Some(args.settings)).await,
+        Command::Client(_) => unreachable!("handled above"),
     }
 }
 

@@ -31,8 +31,13 @@ pub const CREATED_BY_API: &str = "notebook-operator-api";
 /// The notebook the facade's runs execute.
 #[derive(Clone, Debug)]
 pub enum NotebookRef {
-    ConfigMap { name: String, key: String },
+    ConfigMap {
+        name: String,
+        key: String,
+    },
     Path(String),
+    /// The notebook itself, in the run's spec (the command-line client's `run NOTEBOOK.ipynb`).
+    Inline(String),
 }
 
 #[derive(Clone, Debug)]
@@ -98,6 +103,7 @@ impl KubeBackend {
                 ..Default::default()
             },
             NotebookRef::Path(p) => NotebookSource { path: Some(p.clone()), ..Default::default() },
+            NotebookRef::Inline(nb) => NotebookSource { inline: Some(nb.clone()), ..Default::default() },
         };
         let mut spec: NotebookRunSpec = serde_json::from_value(json!({"notebook": notebook}))
             .expect("a spec with a notebook deserializes");
