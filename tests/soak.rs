@@ -12,8 +12,6 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +26,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use notebook_operator::{NotebookRun, RunPhase};
 use serde_json::{Value, json};
 
-use support::operator::{Operator, binary, install_crd};
+use support::facade::Facade;
+use support::operator::{Operator, install_crd};
 use support::overlap::{self, RUN_LABEL, RunLocks};
 use support::{ControlPlane, from_json, ipynb, process, try_wait_for, wait_for};
 
@@ -189,56 +188,10 @@ fn tally(shared: &Shared) -> std::sync::MutexGuard<'_, Tally> {
 
 // === the facade ===
 
-/// `notebook-operator api` on [`FACADE_LOCK`], killed on drop.
-struct Facade {
-    child: Child,
-    url: String,
-    http: reqwest::Client,
-    log: std::path::PathBuf,
-}
+/// The facade's starts, racing the rest of the soak.
+struct FacadeStarts;
 
-impl Facade {
-    async fn start(cp: &ControlPlane, ns: &str) -> Facade {
-        let log = std::env::temp_dir().join(format!("notebook-operator-api-{ns}.log"));
-        let stderr = std::fs::File::create(&log).expect("facade log");
-        let mut cmd = Command::new(binary());
-        cmd.args(["api", "--listen", "127.0.0.1:0", "--namespace", ns, "--notebook-configmap", "nb"])
-            .args(["--lock", FACADE_LOCK, "--image", "quay.io/jupyter/minimal-notebook:test"])
-            .args(["--admit-timeout", ADMIT_TIMEOUT])
-            .env("KUBECONFIG", cp.kubeconfig())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr);
-        process::contain(&mut cmd);
-        let mut child = cmd.spawn().expect("spawn notebook-operator api");
-        let stdout = child.stdout.take().expect("stdout");
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).map(|_| line)
-        })
-        .await
-        .expect("read the facade's first line")
-        .expect("the facade's first line");
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no URL in the facade's first line: {line:?}"))
-            .to_string();
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(90)).build().expect("HTTP client");
-        let facade = Facade { child, url, http, log };
-        let ready = try_wait_for(Duration::from_secs(60), || async {
-            facade
-                .http
-                .get(format!("{}/readyz", facade.url))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        })
-        .await;
-        assert!(ready.is_some(), "the facade is not ready; log:\n{}", process::tail(&facade.log, 30));
-        facade
-    }
-
+impl FacadeStarts {
     /// `POST /start`: 200 (admitted) and 400 (the lock is held) are both valid answers.
     async fn start_run(http: reqwest::Client, url: String, shared: Shared) {
         let answer = http.post(format!("{url}/start")).send().await;
@@ -263,17 +216,6 @@ impl Facade {
             400 if body["detail"].as_str().is_some_and(|d| d.starts_with("Another")) => {}
             _ => t.facade_failures.push(format!("{code}: {body}")),
         }
-    }
-}
-
-impl Drop for Facade {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- facade log (last 30 lines) ---\n{}", process::tail(&self.log, 30));
-        }
-        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -334,7 +276,7 @@ async fn soak(started: Instant, shared: Shared) {
     let cm: ConfigMap =
         from_json(json!({"metadata": {"name": "nb"}, "data": {"notebook.ipynb": ipynb(&["x = 1"])}}));
     ns.api::<ConfigMap>().create(&PostParams::default(), &cm).await.expect("the facade's notebook");
-    let facade = Facade::start(cp, &ns).await;
+    let facade = Facade::start(cp, &ns, FACADE_LOCK, ADMIT_TIMEOUT, &[]).await;
     let runs: Api<NotebookRun> = ns.api();
     let store = watch_runs(runs.clone(), shared.clone());
     store.wait_until_ready().await.expect("the runs' cache");
@@ -399,7 +341,7 @@ async fn soak(started: Instant, shared: Shared) {
             let lock_busy = || store.state().iter().any(|r| r.spec.lock == FACADE_LOCK && !is_terminal(r));
             try_wait_for(FACADE_IDLE_WAIT, || async { !lock_busy() }).await;
             for _ in 0..FACADE_BURST {
-                let call = Facade::start_run(facade.http.clone(), facade.url.clone(), shared.clone());
+                let call = FacadeStarts::start_run(facade.http.clone(), facade.url.clone(), shared.clone());
                 facade_calls.push(tokio::spawn(call));
             }
         }

@@ -144,7 +144,7 @@ impl Reconciler<'_> {
                     s.blocked_by = Some(holder)
                 })
                 .await?;
-                return Ok(Action::requeue(Duration::from_millis(10)));
+                return self.finished().await;
             }
             // Replace cancels the run holding the lock it found on arrival, once; then it waits
             // its turn like Queue. A foreign Lease is nobody's to cancel.
@@ -262,10 +262,10 @@ impl Reconciler<'_> {
         }
     }
 
-    /// Fails the run at once (the next pass releases the lock).
+    /// Fails the run at once, and releases the lock.
     pub(super) async fn fail_now(&self, reason: Reason, message: String) -> Result<Action> {
         self.transition(RunPhase::Failed, reason, message, |_| {}).await?;
-        Ok(Action::requeue(Duration::from_millis(10)))
+        self.finished().await
     }
 
     /// The notebook to freeze into the inputs (None for a path inside the image), or why the run fails now.

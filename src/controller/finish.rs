@@ -63,7 +63,7 @@ impl Reconciler<'_> {
             }
         })
         .await?;
-        Ok(Action::requeue(Duration::from_millis(10)))
+        self.finished().await
     }
 
     /// Cancelled, and nothing of the run executes any more: keep the partial notebook. A cancel
@@ -92,7 +92,7 @@ impl Reconciler<'_> {
         }
         let (reason, message) = (self.cancel_reason(), self.cancel_message());
         self.transition(RunPhase::Cancelled, reason, message, |s| s.output = output).await?;
-        Ok(Action::requeue(Duration::from_millis(10)))
+        self.finished().await
     }
 
     /// Stores the executed notebook, gzip, in a ConfigMap owned by the run (outputs cut to fit).
@@ -141,6 +141,7 @@ impl Reconciler<'_> {
     }
 
     /// Finished: the lock is released, the finalizer dropped, and the run goes when its TTL is up.
+    /// Also called right after the terminal transition, so the lock never waits for the cache.
     pub(super) async fn finished(&self) -> Result<Action> {
         crate::failpoint::crash_after("before-release");
         self.release_lock().await?;

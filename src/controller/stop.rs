@@ -144,18 +144,23 @@ impl Reconciler<'_> {
         Ok(())
     }
 
-    /// Drops the lock finalizer (the lock is released by then).
+    /// Drops the lock finalizer (the lock is released by then), from the stored run: the cached
+    /// one may lag behind.
     pub(super) async fn remove_finalizer(&self) -> Result<Action> {
         if !self.run.finalizers().iter().any(|f| f == LOCK_FINALIZER) {
             return Ok(Action::await_change());
         }
-        let kept: Vec<&String> = self.run.finalizers().iter().filter(|f| *f != LOCK_FINALIZER).collect();
         let runs: Api<NotebookRun> = self.api();
-        let patch = json!({"metadata": {"resourceVersion": self.run.resource_version(), "finalizers": kept}});
+        let Some(stored) = runs.get_opt(&self.name()).await? else { return Ok(Action::await_change()) };
+        if !stored.finalizers().iter().any(|f| f == LOCK_FINALIZER) {
+            return Ok(Action::await_change());
+        }
+        let kept: Vec<&String> = stored.finalizers().iter().filter(|f| *f != LOCK_FINALIZER).collect();
+        let patch = json!({"metadata": {"resourceVersion": stored.resource_version(), "finalizers": kept}});
         match runs.patch(&self.name(), &PatchParams::default(), &Patch::Merge(&patch)).await {
             Ok(_) => Ok(Action::await_change()),
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(Action::await_change()),
-            // The cached run was stale: look again with the fresh one.
+            // Written meanwhile: look again.
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(Action::requeue(Duration::from_millis(100))),
             Err(e) => Err(e.into()),
         }

@@ -18,6 +18,9 @@
 
 mod certs;
 pub mod control_plane;
+#[cfg(test)]
+#[allow(dead_code)] // the binaries that drive the facade
+pub mod facade;
 pub mod kubelet;
 pub mod namespace;
 #[allow(dead_code)] // not every test binary builds notebooks

@@ -45,6 +45,7 @@ pub struct Operator {
     ns: String,
     kubeconfig: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Operator {
@@ -54,7 +55,15 @@ impl Operator {
 
     /// The controller with `args` (a flag given there replaces its test default).
     pub fn start_with(cp: &ControlPlane, ns: &str, args: &[&str]) -> Self {
-        let log = std::env::temp_dir().join(format!("notebook-operator-controller-{ns}.log"));
+        Self::start_with_env(cp, ns, args, &[])
+    }
+
+    /// Like [`Operator::start_with`], with environment variables (e.g. a failpoint) for this start.
+    pub fn start_with_env(cp: &ControlPlane, ns: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        // Several controllers may watch one namespace (leader election): one log each.
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!("notebook-operator-controller-{ns}-{n}.log"));
         // The test kubelet records the image and runs the host's Python; a real node runs the
         // image it was given, and nothing can be pulled there.
         let image: &[&str] = match cp.node_kind() {
@@ -62,10 +71,46 @@ impl Operator {
             NodeKind::Real => &["--default-image", real_node::RUNNER_IMAGE, "--image-pull-policy", "Never"],
         };
         let args = image.iter().chain(args).map(|a| a.to_string()).collect();
-        let mut op =
-            Operator { child: None, log, ns: ns.into(), kubeconfig: cp.kubeconfig().to_path_buf(), args };
+        let kubeconfig = cp.kubeconfig().to_path_buf();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut op = Operator { child: None, log, ns: ns.into(), kubeconfig, args, env };
         op.spawn();
         op
+    }
+
+    /// Starts again without the environment given at the first start.
+    #[allow(dead_code)] // the fault-injection tests only
+    pub fn restart_clean(&mut self) {
+        self.kill();
+        self.env.clear();
+        self.spawn();
+    }
+
+    /// The process id while it runs.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process has exited (by itself: a crash, a failpoint).
+    #[allow(dead_code)]
+    pub fn has_exited(&mut self) -> bool {
+        self.child.as_mut().is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT...) to the process.
+    #[allow(dead_code)]
+    pub fn signal(&self, signal: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
+    }
+
+    /// What it logged so far.
+    #[allow(dead_code)]
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn spawn(&mut self) {
@@ -81,6 +126,7 @@ impl Operator {
             .args(&self.args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,notebook_operator=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

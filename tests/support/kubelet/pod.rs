@@ -91,6 +91,9 @@ impl Record {
     }
 }
 
+/// Status updates retried through an API server outage, once a second.
+const STATUS_RETRIES: u32 = 120;
+
 enum Paused {
     Done,
     Deleting,
@@ -865,11 +868,26 @@ impl PodWorker {
             "metadata": { "uid": self.uid },
             "status": status,
         });
-        match self.api.patch_status(&self.name, &PatchParams::default(), &Patch::Strategic(patch)).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-            Err(e) => self.log(format!("status update failed: {e}")),
+        // As a kubelet does, keep reporting through an API server outage (a status lost there
+        // would leave the pod Running for ever); an answer from the server is final.
+        for attempt in 0..STATUS_RETRIES {
+            match self
+                .api
+                .patch_status(&self.name, &PatchParams::default(), &Patch::Strategic(patch.clone()))
+                .await
+            {
+                Ok(_) => return,
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => return,
+                Err(kube::Error::Api(e)) => return self.log(format!("status update refused: {e}")),
+                Err(e) => {
+                    if attempt == 0 {
+                        self.log(format!("status update failed, retrying: {e}"));
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
         }
+        self.log("status update failed: giving up");
     }
 
     async fn event(&self, type_: &str, reason: &str, message: &str) {
