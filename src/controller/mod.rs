@@ -200,16 +200,25 @@ pub fn error_policy(guard: Arc<DeserializeGuard<NotebookRun>>, error: &Error, ct
         *n = n.saturating_add(1);
         *n
     };
-    let delay = backoff(failures);
+    // An unreachable API server (a restart, a network blip) is retried at least every few
+    // seconds, so runs move on soon after it returns; refusals back off up to minutes.
+    let cap = match error {
+        Error::Kube(kube::Error::Api(_)) | Error::Invalid(_) => MAX_BACKOFF,
+        Error::Kube(_) => MAX_BACKOFF_UNREACHABLE,
+    };
+    let delay = backoff(failures).min(cap);
     let name = guard.0.as_ref().map(|r| r.name_any()).unwrap_or_default();
     warn!(run = %name, reason = error.reason(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+const MAX_BACKOFF_UNREACHABLE: Duration = Duration::from_secs(4);
+
 /// Exponential backoff: 500ms after the first failure, doubling, at most 5 minutes.
 fn backoff(failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(10);
-    (Duration::from_millis(500) * 2u32.pow(exp)).min(Duration::from_secs(300))
+    (Duration::from_millis(500) * 2u32.pow(exp)).min(MAX_BACKOFF)
 }
 
 /// One pass over a run: read the world, move the run one step along its lifecycle.
