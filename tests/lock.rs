@@ -577,3 +577,32 @@ async fn forged_progress_lines_are_not_believed() {
     let p = status.progress.unwrap();
     assert_eq!((p.cells_completed, p.cells_total, p.percent), (2, 2, 100));
 }
+
+// === 14: every finished run is counted ===
+
+#[tokio::test]
+async fn runs_that_never_ran_are_counted_as_finished() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = RunEnv::start_with("metrics", &["--cancel-grace", CANCEL_GRACE, "--listen", &listen]).await;
+    env.create(&run_of("holder", &["import time; time.sleep(600)"], json!({}))).await;
+    env.wait_phase("holder", RunPhase::Running).await;
+    env.create(&run_of("refused", &["1"], json!({"concurrencyPolicy": "Forbid"}))).await;
+    let missing = json!({"notebook": {"configMap": {"name": "nowhere"}}, "lock": "other"});
+    let mut lost = run_of("lost", &["1"], json!({}));
+    lost.spec = from_json(missing);
+    env.create(&lost).await;
+    env.wait_terminal("refused").await;
+    env.wait_terminal("lost").await;
+    let http = reqwest::Client::new();
+    let text = wait_for(RUN_TIMEOUT, "both counted in /metrics", || async {
+        let text = http.get(format!("http://{listen}/metrics")).send().await.ok()?.text().await.ok()?;
+        (text.contains(r#"runs_finished_total{reason="LockHeld"} 1"#)
+            && text.contains(r#"runs_finished_total{reason="NotebookNotFound"} 1"#))
+        .then_some(text)
+    })
+    .await;
+    assert!(text.contains("notebook_operator_leader 1"), "{text}");
+    cancel(&env, "holder").await;
+    env.wait_terminal("holder").await;
+}
