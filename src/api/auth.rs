@@ -1,5 +1,5 @@
 //! Optional bearer-token auth: when a token is configured, everything but the probes,
-//! `/ping` and `/metrics` needs `Authorization: Bearer <token>`.
+//! `/ping`, `/metrics` and the dashboard's static assets needs `Authorization: Bearer <token>`.
 
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
@@ -16,7 +16,10 @@ pub async fn require_token(State(state): State<AppState>, req: Request, next: Ne
     let Some(token) = state.token.as_deref() else {
         return next.run(req).await;
     };
-    if OPEN_PATHS.contains(&req.uri().path()) {
+    let path = req.uri().path();
+    // The dashboard's assets hold no data; the page sends the token with its API calls.
+    let dashboard = path == super::ui::PREFIX || path.starts_with("/ui/");
+    if OPEN_PATHS.contains(&path) || dashboard {
         return next.run(req).await;
     }
     let presented = req

@@ -23,6 +23,7 @@ mod error;
 mod ops;
 mod runs;
 mod seed;
+mod ui;
 
 pub use error::{ApiError, ErrorBody};
 
@@ -105,6 +106,7 @@ pub fn router(state: AppState) -> Router {
     let (api, _) = routes();
     let doc = openapi(state.token.is_some());
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
+        .merge(ui::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))
