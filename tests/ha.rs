@@ -20,7 +20,7 @@ use notebook_operator::{NotebookRun, RunPhase};
 use serde_json::json;
 
 use support::facade::Facade;
-use support::operator::{Operator, install_crd};
+use support::operator::{Operator, apply_crd, install_crd};
 use support::runs::{RUN_TIMEOUT, phase_of, run_of};
 use support::{ControlPlane, TestNamespace, from_json, ipynb, wait_for};
 
@@ -129,15 +129,22 @@ async fn a_controller_killed_after_each_step_completes_the_run_with_one_job() {
 
 // === 2, 5: leader election ===
 
-#[tokio::test]
-async fn the_standby_takes_over_a_killed_leader_within_the_lease() {
+/// Two controllers electing a leader in a fresh namespace: the namespace, the controllers, the
+/// leader's identity and its index.
+async fn two_replicas(prefix: &str) -> (TestNamespace, Vec<Operator>, String, usize) {
     let cp = ControlPlane::shared();
     install_crd(cp);
-    let ns = cp.namespace("takeover").await;
+    let ns = cp.namespace(prefix).await;
     let election = [&ELECTION[..], &["--leader-election-namespace", &ns]].concat();
     let mut ops = vec![Operator::start_with(cp, &ns, &election), Operator::start_with(cp, &ns, &election)];
     let first = wait_for(RUN_TIMEOUT, "a leader", || async { holder(&ns, ELECTION_ID).await }).await;
     let leader = leader_of(&mut ops, &first).expect("the leader is one of ours");
+    (ns, ops, first, leader)
+}
+
+#[tokio::test]
+async fn the_standby_takes_over_a_killed_leader_within_the_lease() {
+    let (ns, mut ops, first, leader) = two_replicas("takeover").await;
     let jobs = JobsSeen::watch(&ns, "long");
     let runs: Api<NotebookRun> = ns.api();
     let cells =
@@ -172,13 +179,7 @@ async fn the_standby_takes_over_a_killed_leader_within_the_lease() {
 
 #[tokio::test]
 async fn a_leader_paused_past_its_lease_does_not_write_when_it_resumes() {
-    let cp = ControlPlane::shared();
-    install_crd(cp);
-    let ns = cp.namespace("partition").await;
-    let election = [&ELECTION[..], &["--leader-election-namespace", &ns]].concat();
-    let mut ops = vec![Operator::start_with(cp, &ns, &election), Operator::start_with(cp, &ns, &election)];
-    let first = wait_for(RUN_TIMEOUT, "a leader", || async { holder(&ns, ELECTION_ID).await }).await;
-    let leader = leader_of(&mut ops, &first).expect("the leader is one of ours");
+    let (ns, ops, first, leader) = two_replicas("partition").await;
     let jobs = JobsSeen::watch(&ns, "run");
     let runs: Api<NotebookRun> = ns.api();
     let cells = ["import time", "time.sleep(3)", "print('done')"];
@@ -219,7 +220,7 @@ async fn a_leader_paused_past_its_lease_does_not_write_when_it_resumes() {
 async fn survive_outage(daemon: &'static str) {
     // An outage of its own: the shared control plane serves the other tests.
     let cp = ControlPlane::start();
-    install_crd_on(&cp);
+    apply_crd(&cp);
     let ns = cp.namespace(&format!("outage-{daemon}")).await;
     let cms: Api<ConfigMap> = ns.api();
     let nb: ConfigMap =
@@ -266,18 +267,6 @@ async fn survive_outage(daemon: &'static str) {
         leases.get_opt("notebook-run").await.ok().is_some_and(|l| l.is_none())
     })
     .await;
-}
-
-fn install_crd_on(cp: &ControlPlane) {
-    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/notebookrun.yaml");
-    let out = cp.kubectl().args(["apply", "--server-side", "-f", crd]).output().expect("kubectl apply");
-    assert!(out.status.success(), "CRD apply: {}", String::from_utf8_lossy(&out.stderr));
-    let out = cp
-        .kubectl()
-        .args(["wait", "--for=condition=Established", "--timeout=60s", "crd/notebookruns.notebooks.dev"])
-        .output()
-        .expect("kubectl wait");
-    assert!(out.status.success(), "CRD established: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[tokio::test]

@@ -22,20 +22,23 @@ pub fn binary() -> &'static str {
 }
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
-/// The CRD, installed once per test binary.
+/// The CRD, installed once per test binary (on the shared control plane).
 pub fn install_crd(cp: &ControlPlane) {
     static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let crd = format!("{REPO}/crds/notebookrun.yaml");
-        let out = cp.kubectl().args(["apply", "--server-side", "-f", &crd]).output().expect("kubectl apply");
-        assert!(out.status.success(), "CRD apply: {}", String::from_utf8_lossy(&out.stderr));
-        let out = cp
-            .kubectl()
-            .args(["wait", "--for=condition=Established", "--timeout=60s", "crd/notebookruns.notebooks.dev"])
-            .output()
-            .expect("kubectl wait");
-        assert!(out.status.success(), "CRD established: {}", String::from_utf8_lossy(&out.stderr));
-    });
+    ONCE.call_once(|| apply_crd(cp));
+}
+
+/// Applies the CRD and waits until it is established (a control plane of a test's own).
+pub fn apply_crd(cp: &ControlPlane) {
+    let crd = format!("{REPO}/crds/notebookrun.yaml");
+    let out = cp.kubectl().args(["apply", "--server-side", "-f", &crd]).output().expect("kubectl apply");
+    assert!(out.status.success(), "CRD apply: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cp
+        .kubectl()
+        .args(["wait", "--for=condition=Established", "--timeout=60s", "crd/notebookruns.notebooks.dev"])
+        .output()
+        .expect("kubectl wait");
+    assert!(out.status.success(), "CRD established: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// The controller binary, watching one namespace; killed when dropped (or with the test thread).
@@ -119,9 +122,10 @@ impl Operator {
         let program = std::env::var(CONTROLLER_OVERRIDE_ENV).unwrap_or_else(|_| binary().to_string());
         let mut cmd = Command::new(program);
         // The test defaults, each unless `args` gives that flag itself.
-        let defaults = [("--progress-interval", "300ms"), ("--cancel-grace", "20s")];
+        let defaults =
+            [("--listen", "127.0.0.1:0"), ("--progress-interval", "300ms"), ("--cancel-grace", "20s")];
         let defaults = defaults.into_iter().filter(|(flag, _)| !self.args.iter().any(|a| a == flag));
-        cmd.args(["controller", "--listen", "127.0.0.1:0", "--namespace", &self.ns])
+        cmd.args(["controller", "--namespace", &self.ns])
             .args(defaults.flat_map(|(flag, value)| [flag, value]))
             .args(&self.args)
             .env("KUBECONFIG", &self.kubeconfig)
