@@ -1,6 +1,7 @@
 //! A headless Chromium driven over the W3C WebDriver protocol (Debian's `chromium` and
 //! `chromium-driver`): the few commands the dashboard's tests need, over plain HTTP.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,14 +20,19 @@ pub struct Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // chromedriver ends its browser with the session; killing it is the fallback.
-        let (base, http) = (self.base.clone(), self.http.clone());
+        // Ending the session quits the browser. From a fresh runtime and client: the test's
+        // runtime is blocked in this drop, and the pooled connections belong to it.
+        let base = self.base.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async { http.delete(base).timeout(Duration::from_secs(10)).send().await })
+            rt.block_on(async {
+                reqwest::Client::new().delete(base).timeout(Duration::from_secs(20)).send().await
+            })
         })
         .join();
-        let _ = self.driver.kill();
+        // Then chromedriver's process group, with whatever of the browser is left in it.
+        // SAFETY: kill(2) on the group this test created.
+        unsafe { libc::kill(-(self.driver.id() as i32), libc::SIGKILL) };
         let _ = self.driver.wait();
     }
 }
@@ -45,6 +51,7 @@ impl Browser {
         let port = free_port();
         let driver = Command::new(chromedriver)
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -60,6 +67,7 @@ impl Browser {
         let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
             "binary": "/usr/bin/chromium",
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-crash-reporter", "--disable-breakpad",
                      format!("--window-size={width},{height}"),
                      format!("--user-data-dir={}", profile.path().display())]
         }}}});
