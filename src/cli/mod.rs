@@ -252,15 +252,17 @@ pub fn exit_code_of(run: &RunInfo) -> i32 {
 /// output on stdout with `follow`, the traceback of a failure; Ctrl-C asks whether to cancel.
 async fn watch(backend: Arc<dyn Backend>, run: RunInfo, follow: bool) -> anyhow::Result<i32> {
     let id = run.id.clone();
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} cells {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
+    eprintln!("run {id} {}", run.phase.as_str());
+    // A spinner until the runner has counted the cells, then a bar.
+    let spinner = ProgressStyle::with_template("{spinner} {prefix} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let cells = ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} cells {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let bar = ProgressBar::new(0).with_style(spinner);
+    let mut counted = false;
     bar.set_prefix(id.clone());
     bar.enable_steady_tick(Duration::from_millis(200));
-    eprintln!("run {id} {}", run.phase.as_str());
 
     let printer = follow.then(|| {
         let (backend, id, bar) = (Arc::clone(&backend), id.clone(), bar.clone());
@@ -297,7 +299,11 @@ async fn watch(backend: Arc<dyn Backend>, run: RunInfo, follow: bool) -> anyhow:
                 return Ok(130);
             }
         };
-        if let Some(p) = &run.progress {
+        if let Some(p) = run.progress.as_ref().filter(|p| p.cells_total > 0) {
+            if !counted {
+                bar.set_style(cells.clone());
+                counted = true;
+            }
             bar.set_length(u64::from(p.cells_total));
             bar.set_position(u64::from(p.cells_completed));
             match (p.current_cell, run.phase) {
