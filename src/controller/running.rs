@@ -88,7 +88,11 @@ impl Reconciler<'_> {
             None => None,
         };
         let since = [since, created(job.metadata.creation_timestamp.as_ref())].into_iter().flatten().max();
-        let waited = since.map(|t| now.duration_since(t).unsigned_abs()).unwrap_or_default();
+        // creationTimestamps have second resolution: count from the end of that second, so the
+        // window is never cut short.
+        let waited = since
+            .map(|t| now.duration_since(t).unsigned_abs().saturating_sub(Duration::from_secs(1)))
+            .unwrap_or_default();
         if waited < limit {
             return Ok(Action::requeue((limit - waited).min(Duration::from_secs(5))));
         }
