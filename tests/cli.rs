@@ -165,11 +165,38 @@ fn cancel_ends_a_followed_run_with_143() {
     let target = ["--server", &s.url, "--token", TOKEN];
     let id = wait_running(&target);
     wait_printed(&target, &id);
+    let logs_follower = Command::new(binary())
+        .args([&["logs", &id, "-f"][..], &target].concat())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let cancel = client(&[&["cancel", &id][..], &target].concat(), &[]);
     assert_eq!((code(&cancel), text(&cancel.stdout)), (0, format!("{id} Cancelled\n")));
+    let logs = wait_output(logs_follower, Duration::from_secs(60));
+    assert_eq!(code(&logs), 0, "logs -f ends with the run: {logs:?}");
+    assert!(text(&logs.stdout).starts_with("started\n"), "{logs:?}");
     let out = wait_output(follower, Duration::from_secs(60));
     assert_eq!(code(&out), 143, "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("started\n"), "{out:?}");
+}
+
+#[test]
+fn a_terminal_shows_a_progress_bar_with_the_current_cell() {
+    let s = local(&["import time", "time.sleep(1.5)", "print('x')"]);
+    // script(1) gives the client a terminal; the bar is drawn on terminals only.
+    let command = format!("{} start --server {} --token {TOKEN}", binary(), s.url);
+    let out = client_in(Command::new("script").args(["-qec", &command, "/dev/null"]));
+    let screen = text(&out.stdout);
+    assert_eq!(code(&out), 0, "{screen}");
+    assert!(screen.contains("1/3 cells (cell 1 running)"), "the bar names the running cell: {screen}");
+    assert!(screen.contains("3/3 cells Succeeded"), "{screen}");
+}
+
+fn client_in(cmd: &mut Command) -> Output {
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_output(child, Duration::from_secs(120))
 }
 
 #[test]
@@ -292,8 +319,19 @@ async fn run_a_notebook_in_the_cluster_and_read_it_back() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let running = running.unwrap();
+    let mut cmd = Command::new(binary());
+    cmd.args(["logs", &running, "-f", "-n", &ns_name])
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let logs_follower = cmd.spawn().unwrap();
     let cancel = cluster_client(&[&["cancel", &running][..], &target].concat(), &env).await;
     assert_eq!(text(&cancel.stdout), format!("{running} Cancelled\n"), "{cancel:?}");
+    let logs = tokio::task::spawn_blocking(move || wait_output(logs_follower, Duration::from_secs(120)))
+        .await
+        .unwrap();
+    assert_eq!(code(&logs), 0, "logs -f ends with the run: {logs:?}");
     let out =
         tokio::task::spawn_blocking(move || wait_output(runner, Duration::from_secs(120))).await.unwrap();
     assert_eq!(code(&out), 143, "{}", text(&out.stderr));
