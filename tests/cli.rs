@@ -10,10 +10,12 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::PostParams;
+use serde_json::{Value, json};
 
 use support::operator::{Operator, binary, install_crd};
-use support::{ControlPlane, ipynb, process};
+use support::{ControlPlane, from_json, ipynb, process};
 
 const TOKEN: &str = "s3cret";
 const SLEEPY: [&str; 3] = ["print('started', flush=True)", "import time; time.sleep(60)", "print('never')"];
@@ -347,4 +349,45 @@ async fn cluster_client(args: &[&str], env: &[(&str, &str)]) -> Output {
     })
     .await
     .unwrap()
+}
+
+#[tokio::test]
+async fn start_through_a_kubernetes_facade() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.namespace("cli-facade").await;
+    let cm: ConfigMap = from_json(
+        json!({"metadata": {"name": "nb"}, "data": {"notebook.ipynb": ipynb(&["print('through the facade')"])}}),
+    );
+    ns.api::<ConfigMap>().create(&PostParams::default(), &cm).await.unwrap();
+    let _op = Operator::start(cp, &ns);
+    let mut cmd = Command::new(binary());
+    cmd.args(["api", "--listen", "127.0.0.1:0", "--namespace", &ns, "--notebook-configmap", "nb"])
+        .args([
+            "--image",
+            "quay.io/jupyter/minimal-notebook:test",
+            "--admit-timeout",
+            "20s",
+            "--token",
+            TOKEN,
+        ])
+        .env("KUBECONFIG", cp.kubeconfig())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    process::contain(&mut cmd);
+    let mut facade = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(facade.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("URL").to_string();
+
+    let out = cluster_client(&["start", "--server", &url, "--token", TOKEN, "--follow"], &[]).await;
+    let stderr = text(&out.stderr);
+    let _ = facade.kill();
+    let _ = facade.wait();
+    assert_eq!(code(&out), 0, "{stderr}");
+    assert_eq!(text(&out.stdout), "through the facade\n");
+    let id = run_id(&stderr);
+    let run = ns.api::<notebook_operator::NotebookRun>().get(&id).await.unwrap();
+    assert!(run.status.and_then(|s| s.phase).is_some_and(|p| p.is_terminal()), "the NotebookRun {id} ended");
 }
