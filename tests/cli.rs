@@ -391,3 +391,42 @@ async fn start_through_a_kubernetes_facade() {
     let run = ns.api::<notebook_operator::NotebookRun>().get(&id).await.unwrap();
     assert!(run.status.and_then(|s| s.phase).is_some_and(|p| p.is_terminal()), "the NotebookRun {id} ended");
 }
+
+#[tokio::test]
+async fn ctrl_c_cancels_a_run_in_the_cluster_when_asked() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.namespace("cli-ctrl-c").await;
+    let _op = Operator::start(cp, &ns);
+    let dir = tempfile::tempdir().unwrap();
+    let sleepy = dir.path().join("sleepy.ipynb");
+    std::fs::write(&sleepy, ipynb(&SLEEPY)).unwrap();
+    let mut cmd = Command::new(binary());
+    cmd.args(["run", sleepy.to_str().unwrap(), "-n", &ns, "--follow"])
+        .env("KUBECONFIG", cp.kubeconfig())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    process::contain(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    // Once the notebook has printed its first line, it is executing its cells.
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        stdout.read_line(&mut line).map(|_| line)
+    });
+    let first =
+        tokio::time::timeout(Duration::from_secs(90), first).await.expect("a first line").unwrap().unwrap();
+    assert_eq!(first, "started\n");
+    // SAFETY: a plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    child.stdin.take().unwrap().write_all(b"y\n").unwrap();
+    let out =
+        tokio::task::spawn_blocking(move || wait_output(child, Duration::from_secs(120))).await.unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(code(&out), 143, "{stderr}");
+    assert!(stderr.contains("? [y/N]") && stderr.contains("Cancelled"), "{stderr}");
+    let id = run_id(&stderr);
+    let run = ns.api::<notebook_operator::NotebookRun>().get(&id).await.unwrap();
+    assert_eq!(run.status.and_then(|s| s.phase), Some(notebook_operator::crd::RunPhase::Cancelled));
+}
