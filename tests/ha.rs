@@ -135,10 +135,27 @@ async fn two_replicas(prefix: &str) -> (TestNamespace, Vec<Operator>, String, us
     let cp = ControlPlane::shared();
     install_crd(cp);
     let ns = cp.namespace(prefix).await;
-    let election = [&ELECTION[..], &["--leader-election-namespace", &ns]].concat();
-    let mut ops = vec![Operator::start_with(cp, &ns, &election), Operator::start_with(cp, &ns, &election)];
+    let ports: Vec<String> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string())
+        .collect();
+    let start = |listen: &str| {
+        let args = [&ELECTION[..], &["--leader-election-namespace", &ns, "--listen", listen]].concat();
+        Operator::start_with(cp, &ns, &args)
+    };
+    let mut ops = vec![start(&ports[0]), start(&ports[1])];
     let first = wait_for(RUN_TIMEOUT, "a leader", || async { holder(&ns, ELECTION_ID).await }).await;
     let leader = leader_of(&mut ops, &first).expect("the leader is one of ours");
+    // Both are ready (a standby is healthy); the gauge says which one leads.
+    let http = reqwest::Client::new();
+    for (i, addr) in ports.iter().enumerate() {
+        let expected = if i == leader { "notebook_operator_leader 1" } else { "notebook_operator_leader 0" };
+        wait_for(RUN_TIMEOUT, format!("replica {i} ready, {expected}"), || async {
+            let ready = http.get(format!("http://{addr}/readyz")).send().await.ok()?.status().is_success();
+            let metrics = http.get(format!("http://{addr}/metrics")).send().await.ok()?.text().await.ok()?;
+            (ready && metrics.contains(expected)).then_some(())
+        })
+        .await;
+    }
     (ns, ops, first, leader)
 }
 
