@@ -252,6 +252,9 @@ pub fn exit_code_of(run: &RunInfo) -> i32 {
 /// output on stdout with `follow`, the traceback of a failure; Ctrl-C asks whether to cancel.
 async fn watch(backend: Arc<dyn Backend>, run: RunInfo, follow: bool) -> anyhow::Result<i32> {
     let id = run.id.clone();
+    // Registered before anything is printed (a signal future would register only once polled):
+    // a Ctrl-C from here on asks, never kills.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     eprintln!("run {id} {}", run.phase.as_str());
     // A spinner until the runner has counted the cells, then a bar.
     let spinner = ProgressStyle::with_template("{spinner} {prefix} {msg}")
@@ -283,13 +286,11 @@ async fn watch(backend: Arc<dyn Backend>, run: RunInfo, follow: bool) -> anyhow:
         })
     });
 
-    let mut interrupt = Box::pin(tokio::signal::ctrl_c());
     let run = loop {
         let run = tokio::select! {
             run = backend.get(&id) => run?,
-            _ = &mut interrupt => {
+            _ = interrupt.recv() => {
                 let answer = bar.suspend(ask_cancel(&id));
-                interrupt = Box::pin(tokio::signal::ctrl_c());
                 if answer {
                     backend.cancel(&id).await?;
                     continue;
