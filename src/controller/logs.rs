@@ -4,12 +4,13 @@
 
 use std::time::Duration;
 
-use futures::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt};
+use futures::AsyncReadExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::LogParams;
 use tracing::debug;
 
+use crate::backend::{LineSplitter, read_line_futures};
 use crate::job;
 use crate::progress::{self, Event, Line};
 
@@ -69,9 +70,9 @@ pub async fn follow(pods: Api<Pod>, pod: String, limit: Duration) -> Followed {
     let read = async {
         let Ok(stream) = pods.log_stream(&pod, &lp).await else { return };
         let mut stream = Box::pin(stream);
-        let mut line = Vec::new();
-        while let Ok(true) = read_line_capped(&mut stream, &mut line, TRAILER_LIMIT_BYTES as usize).await {
-            let text = String::from_utf8_lossy(&line);
+        let mut lines = LineSplitter::new(TRAILER_LIMIT_BYTES as usize);
+        while let Ok(true) = read_line_futures(&mut stream, &mut lines).await {
+            let text = String::from_utf8_lossy(lines.line());
             match progress::classify(&text) {
                 Line::Trailer(data) => {
                     found.notebook = progress::decode_trailer(data).ok().or(found.notebook.take())
@@ -83,50 +84,4 @@ pub async fn follow(pods: Api<Pod>, pod: String, limit: Duration) -> Followed {
     };
     let _ = tokio::time::timeout(limit, read).await;
     found
-}
-
-/// Reads one line (without its newline) into `line`, keeping at most `cap` bytes of it and
-/// skipping the rest. `Ok(false)` at the end of the stream.
-pub async fn read_line_capped<R: AsyncBufRead + Unpin>(
-    reader: &mut R,
-    line: &mut Vec<u8>,
-    cap: usize,
-) -> std::io::Result<bool> {
-    line.clear();
-    let mut any = false;
-    loop {
-        let buf = reader.fill_buf().await?;
-        if buf.is_empty() {
-            return Ok(any);
-        }
-        any = true;
-        let (chunk, done) = match buf.iter().position(|b| *b == b'\n') {
-            Some(i) => (&buf[..i], Some(i + 1)),
-            None => (buf, None),
-        };
-        let room = cap.saturating_sub(line.len());
-        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        let used = done.unwrap_or(buf.len());
-        reader.consume_unpin(used);
-        if done.is_some() {
-            return Ok(true);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn lines_are_capped_and_bytes_survive() {
-        let data: &[u8] = b"short\nlooooooooong\n\xff odd\nlast";
-        let mut reader = futures::io::BufReader::with_capacity(3, data);
-        let mut line = Vec::new();
-        let mut lines = Vec::new();
-        while read_line_capped(&mut reader, &mut line, 5).await.unwrap() {
-            lines.push(String::from_utf8_lossy(&line).into_owned());
-        }
-        assert_eq!(lines, ["short", "loooo", "\u{fffd} odd", "last"]);
-    }
 }
