@@ -6,7 +6,6 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,48 +14,15 @@ use kube::api::PostParams;
 use serde_json::{Value, json};
 
 use support::operator::{Operator, binary, install_crd};
+use support::served::{self, Served};
 use support::{ControlPlane, from_json, ipynb, process};
 
 const TOKEN: &str = "s3cret";
 const SLEEPY: [&str; 3] = ["print('started', flush=True)", "import time; time.sleep(60)", "print('never')"];
 const FAILING: [&str; 2] = ["print('before')", "1 / 0"];
 
-/// `notebook-operator local` on one notebook, with a token; killed when dropped.
-struct Local {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Local {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn local(cells: &[&str]) -> Local {
-    let dir = tempfile::tempdir().unwrap();
-    let nb = dir.path().join("notebook.ipynb");
-    std::fs::write(&nb, ipynb(cells)).unwrap();
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: run `make venv` first", python.display());
-    let mut child = Command::new(binary())
-        .args(["local", "--listen", "127.0.0.1:0", "--kill-grace", "5s", "--token", TOKEN])
-        .arg("--notebook")
-        .arg(&nb)
-        .arg("--python")
-        .arg(&python)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("URL").to_string();
-    Local { child, url, _dir: dir }
+fn local(cells: &[&str]) -> Served {
+    served::local(cells, TOKEN)
 }
 
 /// The client with `args`, its output once it exits (bounded).
@@ -149,7 +115,7 @@ fn a_failing_notebook_prints_its_traceback_and_exits_as_the_runner() {
     assert!(stderr.contains("traceback in cell 1"), "{stderr}");
 
     let bad = local(&[]);
-    std::fs::write(bad._dir.path().join("notebook.ipynb"), "not a notebook").unwrap();
+    std::fs::write(bad.dir.path().join("notebook.ipynb"), "not a notebook").unwrap();
     let out = client(&["start", "--server", &bad.url, "--token", TOKEN], &[]);
     assert_eq!(code(&out), 2, "invalid input exits 2: {}", text(&out.stderr));
 }

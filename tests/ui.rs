@@ -7,9 +7,7 @@ mod support;
 #[path = "support/webdriver.rs"]
 mod webdriver;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -17,47 +15,15 @@ use kube::api::PostParams;
 use serde_json::json;
 
 use support::operator::{Operator, binary, install_crd};
+use support::served::{self, Served};
 use support::{ControlPlane, from_json, ipynb, process};
 use webdriver::Browser;
 
 const TOKEN: &str = "s3cret";
 const LIMIT: Duration = Duration::from_secs(90);
 
-struct Server {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(mut cmd: Command, dir: tempfile::TempDir) -> Server {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("URL").to_string();
-    Server { child, url, _dir: dir }
-}
-
-fn local(cells: &[&str]) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let nb = dir.path().join("notebook.ipynb");
-    std::fs::write(&nb, ipynb(cells)).unwrap();
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    let mut cmd = Command::new(binary());
-    cmd.args(["local", "--listen", "127.0.0.1:0", "--kill-grace", "5s", "--token", TOKEN])
-        .arg("--notebook")
-        .arg(&nb)
-        .arg("--python")
-        .arg(python)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"));
-    spawn(cmd, dir)
+fn local(cells: &[&str]) -> Served {
+    served::local(cells, TOKEN)
 }
 
 /// Opens the dashboard and passes the token form (a wrong token first: it is refused).
@@ -171,7 +137,7 @@ fn tagged_hello() -> String {
 #[tokio::test]
 async fn local_start_from_the_page_reaches_100_percent() {
     let s = local(&[]);
-    std::fs::write(s._dir.path().join("notebook.ipynb"), tagged_hello()).unwrap();
+    std::fs::write(s.dir.path().join("notebook.ipynb"), tagged_hello()).unwrap();
     let b = Browser::start(1200, 800).await;
     success_flow(&b, &s.url, "local").await;
 }
@@ -219,7 +185,7 @@ async fn local_a_failure_shows_its_traceback_and_a_run_is_killed_from_the_page()
 }
 
 /// The kubernetes facade (`api --token`) of namespace `ns` on ConfigMap `nb` holding `notebook`.
-async fn kube_facade(cp: &ControlPlane, ns: &str, cm_name: &str, notebook: String) -> Server {
+async fn kube_facade(cp: &ControlPlane, ns: &str, cm_name: &str, notebook: String) -> Served {
     let cm: ConfigMap =
         from_json(json!({"metadata": {"name": cm_name}, "data": {"notebook.ipynb": notebook}}));
     kube::Api::<ConfigMap>::namespaced(cp.client(), ns).create(&PostParams::default(), &cm).await.unwrap();
@@ -236,7 +202,7 @@ async fn kube_facade(cp: &ControlPlane, ns: &str, cm_name: &str, notebook: Strin
         .env("KUBECONFIG", cp.kubeconfig())
         .stdin(Stdio::null());
     process::contain(&mut cmd);
-    spawn(cmd, tempfile::tempdir().unwrap())
+    served::spawn(cmd, tempfile::tempdir().unwrap())
 }
 
 #[tokio::test]

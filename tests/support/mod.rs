@@ -37,6 +37,9 @@ pub mod real_node;
 #[cfg(test)]
 #[allow(dead_code)] // each test binary uses part of the harness
 pub mod runs;
+#[cfg(test)]
+#[allow(dead_code)] // the binaries that drive a facade over HTTP
+pub mod served;
 pub mod wait;
 
 #[allow(unused_imports)]
