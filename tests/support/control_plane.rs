@@ -4,14 +4,14 @@
 //! see [`super::real_node`]).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 use std::{env, fs};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -414,24 +414,7 @@ fn assets_dir() -> anyhow::Result<PathBuf> {
     }
     let dir = match env::var("KUBEBUILDER_ASSETS") {
         Ok(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/control-plane/build.sh");
-            let output = Command::new(&script)
-                .stdin(Stdio::null())
-                .stderr(Stdio::inherit())
-                .output()
-                .with_context(|| format!("run {}", script.display()))?;
-            if !output.status.success() {
-                bail!("{} failed with {}", script.display(), output.status);
-            }
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let last = stdout
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .ok_or_else(|| anyhow!("{} printed nothing", script.display()))?;
-            PathBuf::from(last.trim())
-        }
+        _ => process::run_build_script("tests/control-plane/build.sh")?,
     };
     for binary in ["etcd", "kube-apiserver", "kube-controller-manager"] {
         if !dir.join(binary).is_file() {

@@ -224,3 +224,24 @@ pub fn pids_with_cmdline_containing(needle: &str) -> Vec<u32> {
         .filter(|pid| is_alive(*pid))
         .collect()
 }
+
+/// Runs one of the repository's build scripts (`tests/control-plane/build.sh`,
+/// `tests/images/build.sh`), its progress on our stderr, and returns the folder it prints last.
+pub fn run_build_script(relative: &str) -> anyhow::Result<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
+    let output = Command::new(&script)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("run {}", script.display()))?;
+    if !output.status.success() {
+        bail!("{} failed with {}", script.display(), output.status);
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .ok_or_else(|| anyhow::anyhow!("{} printed nothing", script.display()))?;
+    Ok(PathBuf::from(last.trim()))
+}

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use std::{env, fs};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, Client};
 
@@ -386,22 +386,7 @@ pub fn images_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = images.as_ref() {
         return Ok(dir.clone());
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/images/build.sh");
-    let output = Command::new(&script)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("run {}", script.display()))?;
-    if !output.status.success() {
-        bail!("{} failed with {}", script.display(), output.status);
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let dir = stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .map(|l| PathBuf::from(l.trim()))
-        .ok_or_else(|| anyhow!("{} printed nothing", script.display()))?;
+    let dir = super::process::run_build_script("tests/images/build.sh")?;
     for archive in ["pause.oci.tar", "runner.oci.tar"] {
         if !dir.join(archive).is_file() {
             bail!("{} has no {archive}", dir.display());
