@@ -327,30 +327,12 @@ async fn start_through_a_kubernetes_facade() {
     );
     ns.api::<ConfigMap>().create(&PostParams::default(), &cm).await.unwrap();
     let _op = Operator::start(cp, &ns);
-    let mut cmd = Command::new(binary());
-    cmd.args(["api", "--listen", "127.0.0.1:0", "--namespace", &ns, "--notebook-configmap", "nb"])
-        .args([
-            "--image",
-            "quay.io/jupyter/minimal-notebook:test",
-            "--admit-timeout",
-            "20s",
-            "--token",
-            TOKEN,
-        ])
-        .env("KUBECONFIG", cp.kubeconfig())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    process::contain(&mut cmd);
-    let mut facade = cmd.spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(facade.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("URL").to_string();
+    let facade = served::kube_facade(cp, &ns, "nb", TOKEN);
+    let url = facade.url.clone();
 
     let out = cluster_client(&["start", "--server", &url, "--token", TOKEN, "--follow"], &[]).await;
     let stderr = text(&out.stderr);
-    let _ = facade.kill();
-    let _ = facade.wait();
+    drop(facade);
     assert_eq!(code(&out), 0, "{stderr}");
     assert_eq!(text(&out.stdout), "through the facade\n");
     let id = run_id(&stderr);

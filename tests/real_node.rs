@@ -20,7 +20,8 @@ use serde_json::{Value, json};
 
 use support::operator::{Operator, install_crd};
 use support::real_node::{ROOT_IMAGE, RUNNER_IMAGE};
-use support::{ControlPlane, NodeKind, TestNamespace, from_json, ipynb, wait_for};
+use support::runs::run_of;
+use support::{ControlPlane, NodeKind, TestNamespace, wait_for};
 
 /// A run in a real container takes a few seconds to start (sandbox, kernel) and to be seen done.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -47,17 +48,6 @@ async fn setup(prefix: &str, args: &[&str]) -> Env {
     let op = Operator::start_with(cp, &ns, args);
     let runs = ns.api();
     Env { _op: op, ns, runs }
-}
-
-/// A run of an inline notebook; `extra` is merged into the spec.
-fn run_of(name: &str, cells: &[&str], extra: Value) -> NotebookRun {
-    let mut spec = json!({"notebook": {"inline": ipynb(cells)}});
-    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
-        s.extend(e.clone());
-    }
-    from_json(
-        json!({"apiVersion": "notebooks.dev/v1alpha1", "kind": "NotebookRun", "metadata": {"name": name}, "spec": spec}),
-    )
 }
 
 impl Env {

@@ -7,16 +7,15 @@ mod support;
 #[path = "support/webdriver.rs"]
 mod webdriver;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::PostParams;
 use serde_json::json;
 
-use support::operator::{Operator, binary, install_crd};
+use support::operator::{Operator, install_crd};
 use support::served::{self, Served};
-use support::{ControlPlane, from_json, ipynb, process};
+use support::{ControlPlane, from_json, ipynb};
 use webdriver::Browser;
 
 const TOKEN: &str = "s3cret";
@@ -189,20 +188,7 @@ async fn kube_facade(cp: &ControlPlane, ns: &str, cm_name: &str, notebook: Strin
     let cm: ConfigMap =
         from_json(json!({"metadata": {"name": cm_name}, "data": {"notebook.ipynb": notebook}}));
     kube::Api::<ConfigMap>::namespaced(cp.client(), ns).create(&PostParams::default(), &cm).await.unwrap();
-    let mut cmd = Command::new(binary());
-    cmd.args(["api", "--listen", "127.0.0.1:0", "--namespace", ns, "--notebook-configmap", cm_name])
-        .args([
-            "--image",
-            "quay.io/jupyter/minimal-notebook:test",
-            "--admit-timeout",
-            "20s",
-            "--token",
-            TOKEN,
-        ])
-        .env("KUBECONFIG", cp.kubeconfig())
-        .stdin(Stdio::null());
-    process::contain(&mut cmd);
-    served::spawn(cmd, tempfile::tempdir().unwrap())
+    served::kube_facade(cp, ns, cm_name, TOKEN)
 }
 
 #[tokio::test]

@@ -5,8 +5,8 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use super::ipynb;
 use super::operator::binary;
+use super::{ControlPlane, ipynb, process};
 
 pub struct Served {
     pub child: Child,
@@ -47,4 +47,22 @@ pub fn local(cells: &[&str], token: &str) -> Served {
         .arg("--data-dir")
         .arg(dir.path().join("data"));
     spawn(cmd, dir)
+}
+
+/// `notebook-operator api --token TOKEN` on the notebook in ConfigMap `configmap` of `ns`.
+pub fn kube_facade(cp: &ControlPlane, ns: &str, configmap: &str, token: &str) -> Served {
+    let mut cmd = Command::new(binary());
+    cmd.args(["api", "--listen", "127.0.0.1:0", "--namespace", ns, "--notebook-configmap", configmap])
+        .args([
+            "--image",
+            "quay.io/jupyter/minimal-notebook:test",
+            "--admit-timeout",
+            "20s",
+            "--token",
+            token,
+        ])
+        .env("KUBECONFIG", cp.kubeconfig())
+        .stdin(Stdio::null());
+    process::contain(&mut cmd);
+    spawn(cmd, tempfile::tempdir().expect("temporary folder"))
 }
