@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -122,6 +122,8 @@ pub async fn run(
     leadership: Leadership,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    // One shutdown signal for every loop of the controller (each gets a clone).
+    let shutdown = shutdown.boxed().shared();
     let runs: Api<DeserializeGuard<NotebookRun>> = scoped(&client, config.namespace.as_deref());
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=notebook-operator");
     let controller = Controller::new(runs, watcher::Config::default());
@@ -149,7 +151,7 @@ pub async fn run(
         followers: Default::default(),
         no_pod_since: Default::default(),
     });
-    controller
+    let runs_loop = controller
         .owns(scoped::<Job>(&client, config.namespace.as_deref()), managed.clone())
         // Pods wake their run: a pod that stopped lets a stopping run release the lock.
         .watches(scoped::<Pod>(&client, config.namespace.as_deref()), managed.clone(), |pod| {
@@ -170,14 +172,16 @@ pub async fn run(
                 .map(|r| ObjectRef::from_obj(&DeserializeGuard(Ok(r))))
                 .collect::<Vec<_>>()
         })
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 debug!(error = %e, "reconcile failed");
             }
-        })
-        .await;
+        });
+    // The other loops of the controller (schedules, notifications) join here, each with
+    // `shutdown.clone()` and the same `leadership`.
+    runs_loop.await;
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
