@@ -75,6 +75,16 @@ struct ControllerSettings {
     /// How long a cancelled run's pod gets to hand over its partial notebook.
     #[arg(long, env = "NOTEBOOK_OPERATOR_CANCEL_GRACE", default_value = "40s", value_parser = parse_duration)]
     cancel_grace: std::time::Duration,
+    /// The REST facade's URL as its users reach it (e.g. https://notebooks.example.com): run-end
+    /// notifications link to the run's pages there.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_PUBLIC_URL", value_parser = parse_public_url)]
+    public_url: Option<String>,
+    /// How long after a run ends its webhooks are retried (backoff from 1s doubling to 60s).
+    #[arg(long, env = "NOTEBOOK_OPERATOR_NOTIFY_RETRY_FOR", default_value = "10m", value_parser = parse_duration)]
+    notify_retry_for: std::time::Duration,
+    /// How long one webhook attempt may take, answer included.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_NOTIFY_ATTEMPT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    notify_attempt_timeout: std::time::Duration,
 }
 
 impl ControllerSettings {
@@ -88,6 +98,11 @@ impl ControllerSettings {
             namespace,
             progress_interval: self.progress_interval,
             cancel_grace: self.cancel_grace,
+            notify: notebook_operator::notify::NotifyConfig {
+                public_url: self.public_url,
+                retry_for: self.notify_retry_for,
+                attempt_timeout: self.notify_attempt_timeout,
+            },
         }
     }
 }
@@ -237,8 +252,19 @@ struct LocalArgs {
     /// Kernel name (default: the notebook's kernelspec).
     #[arg(long, env = "NOTEBOOK_OPERATOR_KERNEL")]
     kernel: Option<String>,
+    /// Keep one runner with its kernel started and idle ahead of /start (used once, then
+    /// replaced; never shared between runs). `--warm-kernel=false` starts each run cold.
+    #[arg(long, env = "NOTEBOOK_OPERATOR_WARM_KERNEL", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    warm_kernel: bool,
     #[command(flatten)]
     api: ApiArgs,
+}
+
+fn parse_public_url(s: &str) -> Result<String, String> {
+    match reqwest::Url::parse(s) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(s.trim_end_matches('/').to_string()),
+        _ => Err(format!("invalid URL {s:?} (example: https://notebooks.example.com)")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -453,6 +479,7 @@ async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
         kill_grace: args.kill_grace,
         cell_timeout: args.cell_timeout,
         kernel: args.kernel,
+        warm_kernel: args.warm_kernel,
     };
     let backend = LocalBackend::open(config, metrics.clone()).await?;
     let listener = tokio::net::TcpListener::bind(&args.api.listen)

@@ -43,6 +43,8 @@ struct Options<'a> {
     notebook: &'a str,
     data_dir: Option<&'a Path>,
     token: Option<&'a str>,
+    /// More arguments for `local`.
+    args: &'a [&'a str],
 }
 
 fn spawn(opts: Options<'_>) -> std::io::Result<(Child, Option<tempfile::TempDir>, PathBuf, PathBuf)> {
@@ -66,6 +68,7 @@ fn spawn(opts: Options<'_>) -> std::io::Result<(Child, Option<tempfile::TempDir>
     if let Some(t) = opts.token {
         cmd.arg("--token").arg(t);
     }
+    cmd.args(opts.args);
     let data_dir = if data_dir.is_relative() { tmp.path().join(data_dir) } else { data_dir };
     Ok((cmd.spawn()?, Some(tmp), data_dir, nb_path))
 }
@@ -154,7 +157,9 @@ const SUCCESS_NB: [&str; 3] =
 
 #[tokio::test]
 async fn seed_flow_matches_the_original() {
-    let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None }).await;
+    let s =
+        start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None, args: &[] })
+            .await;
 
     assert_eq!(s.get("/ping").await, (200, json!("I am alive")));
     assert_eq!(s.get("/progress").await, (400, json!({"detail": "The task never ran."})));
@@ -219,7 +224,7 @@ async fn seed_flow_matches_the_original() {
 #[tokio::test]
 async fn failure_answers_the_traceback() {
     let nb = notebook(&["x = 1", "raise ValueError('bad value here')", "print('never')"]);
-    let s = start_server(Options { notebook: &nb, data_dir: None, token: None }).await;
+    let s = start_server(Options { notebook: &nb, data_dir: None, token: None, args: &[] }).await;
     let (_, started) = s.post("/start", None).await;
     let id = started["id"].as_str().unwrap().to_string();
     let done = s.wait_finished(&id).await;
@@ -242,7 +247,9 @@ async fn failure_answers_the_traceback() {
 
 #[tokio::test]
 async fn fifty_simultaneous_starts_admit_exactly_one() {
-    let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None }).await;
+    let s =
+        start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None, args: &[] })
+            .await;
     let calls = (0..50).map(|_| s.post("/start", None));
     let answers = futures::future::join_all(calls).await;
     let accepted: Vec<&Value> = answers.iter().filter(|(c, _)| *c == 200).map(|(_, b)| b).collect();
@@ -285,7 +292,8 @@ fn runner_pid(data_dir: &Path, id: &str) -> i32 {
 
 #[tokio::test]
 async fn kill_stops_the_group_and_the_kernel_and_keeps_the_partial_notebook() {
-    let s = start_server(Options { notebook: &pid_then_sleep(), data_dir: None, token: None }).await;
+    let s =
+        start_server(Options { notebook: &pid_then_sleep(), data_dir: None, token: None, args: &[] }).await;
     let (_, started) = s.get("/start").await;
     let id = started["id"].as_str().unwrap().to_string();
     let kernel = kernel_pid(&s, &id).await;
@@ -316,7 +324,8 @@ async fn kill_stops_the_group_and_the_kernel_and_keeps_the_partial_notebook() {
 async fn a_server_killed_mid_run_marks_it_interrupted_on_restart() {
     let data = tempfile::tempdir().unwrap();
     let nb = pid_then_sleep();
-    let mut first = start_server(Options { notebook: &nb, data_dir: Some(data.path()), token: None }).await;
+    let mut first =
+        start_server(Options { notebook: &nb, data_dir: Some(data.path()), token: None, args: &[] }).await;
     let (_, started) = first.get("/start").await;
     let id = started["id"].as_str().unwrap().to_string();
     let kernel = kernel_pid(&first, &id).await;
@@ -326,7 +335,8 @@ async fn a_server_killed_mid_run_marks_it_interrupted_on_restart() {
     wait_gone(runner, "runner of the killed server").await;
     wait_gone(kernel, "kernel of the killed server").await;
 
-    let second = start_server(Options { notebook: &nb, data_dir: Some(data.path()), token: None }).await;
+    let second =
+        start_server(Options { notebook: &nb, data_dir: Some(data.path()), token: None, args: &[] }).await;
     let (code, run) = second.get(&format!("/progress?task_id={id}")).await;
     assert_eq!(code, 200);
     assert_eq!(
@@ -343,9 +353,10 @@ async fn a_server_killed_mid_run_marks_it_interrupted_on_restart() {
 async fn a_second_server_on_the_same_data_dir_is_refused() {
     let data = tempfile::tempdir().unwrap();
     let nb = notebook(&SUCCESS_NB);
-    let _first = start_server(Options { notebook: &nb, data_dir: Some(data.path()), token: None }).await;
+    let _first =
+        start_server(Options { notebook: &nb, data_dir: Some(data.path()), token: None, args: &[] }).await;
     let (child, _tmp, _, _) =
-        spawn(Options { notebook: &nb, data_dir: Some(data.path()), token: None }).unwrap();
+        spawn(Options { notebook: &nb, data_dir: Some(data.path()), token: None, args: &[] }).unwrap();
     let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -354,8 +365,13 @@ async fn a_second_server_on_the_same_data_dir_is_refused() {
 
 #[tokio::test]
 async fn token_guards_everything_but_ping_and_probes() {
-    let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: Some("s3cret") })
-        .await;
+    let s = start_server(Options {
+        notebook: &notebook(&SUCCESS_NB),
+        data_dir: None,
+        token: Some("s3cret"),
+        args: &[],
+    })
+    .await;
     assert_eq!(s.get("/ping").await.0, 200);
     assert_eq!(s.get("/healthz").await.0, 200);
     assert_eq!(s.get("/readyz").await.0, 200);
@@ -372,7 +388,9 @@ async fn token_guards_everything_but_ping_and_probes() {
 
 #[tokio::test]
 async fn bad_bodies_get_413_and_422() {
-    let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None }).await;
+    let s =
+        start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None, args: &[] })
+            .await;
     let big = format!("{{\"parameters\": {{\"x\": \"{}\"}}}}", "a".repeat(1024 * 1024 + 1024));
     assert_eq!(s.post("/start", Some(&big)).await.0, 413);
     for bad in
@@ -400,7 +418,7 @@ async fn bad_bodies_get_413_and_422() {
 async fn parameters_are_injected() {
     let path = Path::new(REPO).join("notebooks/parameters.ipynb");
     let nb = std::fs::read_to_string(path).unwrap();
-    let s = start_server(Options { notebook: &nb, data_dir: None, token: None }).await;
+    let s = start_server(Options { notebook: &nb, data_dir: None, token: None, args: &[] }).await;
     let (code, started) = s.post("/start", Some(r#"{"parameters": {"name": "operator", "count": 2}}"#)).await;
     assert_eq!(code, 200, "{started}");
     let id = started["id"].as_str().unwrap().to_string();
@@ -416,7 +434,7 @@ async fn parameters_are_injected() {
 async fn follow_streams_the_log_before_the_run_ends() {
     let nb =
         notebook(&["print('first line', flush=True)", "import time; time.sleep(4)", "print('last line')"]);
-    let s = start_server(Options { notebook: &nb, data_dir: None, token: None }).await;
+    let s = start_server(Options { notebook: &nb, data_dir: None, token: None, args: &[] }).await;
     let (_, started) = s.post("/start", None).await;
     let id = started["id"].as_str().unwrap().to_string();
     let resp = s.http.get(format!("{}/output?follow=true", s.url)).send().await.unwrap();
@@ -438,7 +456,9 @@ async fn follow_streams_the_log_before_the_run_ends() {
 
 #[tokio::test]
 async fn openapi_lists_every_route() {
-    let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None }).await;
+    let s =
+        start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None, args: &[] })
+            .await;
     let (code, doc) = s.get("/openapi.json").await;
     assert_eq!(code, 200);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
@@ -492,6 +512,7 @@ async fn openapi_document_validates_and_schemathesis_finds_nothing_with_auth_on(
         notebook: &notebook(&["x = 1", "print(x)"]),
         data_dir: None,
         token: Some("s3cret"),
+        args: &[],
     })
     .await;
     let doc = api_tools::validate_document(&s.url, Some("s3cret")).await;
@@ -523,7 +544,8 @@ async fn openapi_document_validates_and_schemathesis_finds_nothing_with_auth_on(
 async fn sigterm_stops_the_active_run_and_records_it_interrupted() {
     let data = tempfile::tempdir().unwrap();
     let nb = pid_then_sleep();
-    let mut server = start_server(Options { notebook: &nb, data_dir: Some(data.path()), token: None }).await;
+    let mut server =
+        start_server(Options { notebook: &nb, data_dir: Some(data.path()), token: None, args: &[] }).await;
     let (_, started) = server.get("/start").await;
     let id = started["id"].as_str().unwrap().to_string();
     let kernel = kernel_pid(&server, &id).await;
@@ -552,7 +574,8 @@ async fn sigterm_stops_the_active_run_and_records_it_interrupted() {
 
 #[tokio::test]
 async fn the_resource_api_creates_pages_cancels_and_deletes_runs() {
-    let s = start_server(Options { notebook: &pid_then_sleep(), data_dir: None, token: None }).await;
+    let s =
+        start_server(Options { notebook: &pid_then_sleep(), data_dir: None, token: None, args: &[] }).await;
     let (code, first) = s.post("/runs", None).await;
     assert_eq!(code, 201, "{first}");
     let first = first["id"].as_str().unwrap().to_string();
@@ -591,7 +614,9 @@ fn series(metrics: &str, name: &str) -> f64 {
 
 #[tokio::test]
 async fn metrics_count_requests_and_starts() {
-    let s = start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None }).await;
+    let s =
+        start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None, args: &[] })
+            .await;
     let requests = |route: &str, class: &str| {
         format!(r#"notebook_operator_http_requests_total{{route="{route}",status="{class}"}}"#)
     };
@@ -662,7 +687,9 @@ fn assert_bounded_utf8_log(bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn an_odd_byte_and_a_long_line_stop_neither_progress_nor_output() {
-    let s = start_server(Options { notebook: &notebook(&ODD_OUTPUT_NB), data_dir: None, token: None }).await;
+    let s =
+        start_server(Options { notebook: &notebook(&ODD_OUTPUT_NB), data_dir: None, token: None, args: &[] })
+            .await;
     let (code, started) = s.post("/start", None).await;
     assert_eq!(code, 200, "{started}");
     let id = started["id"].as_str().unwrap().to_string();
@@ -699,4 +726,104 @@ async fn an_odd_byte_and_a_long_line_stop_neither_progress_nor_output() {
         String::from_utf8_lossy(&followed),
         "the kept log is what was followed"
     );
+}
+
+// === the warm spare runner ===
+
+/// The idle spare runner of a server: the `--warm` runner waiting in `<data dir>/spare`.
+fn spare_pid(data_dir: &Path) -> Option<i32> {
+    let spare_dir = std::fs::canonicalize(data_dir.join("spare")).ok()?;
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline.split(|b| *b == 0).any(|arg| arg == b"--warm")
+                && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == spare_dir)
+                && pid_alive(*pid)
+        })
+}
+
+/// Waits for an idle spare other than `not`.
+async fn wait_spare(data_dir: &Path, not: Option<i32>) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(pid) = spare_pid(data_dir).filter(|p| Some(*p) != not) {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no spare runner appeared in {}", data_dir.display());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Server {
+    async fn run_to_end(&self, body: Option<&str>) -> (String, Value, String) {
+        let (code, started) = self.post("/start", body).await;
+        assert_eq!(code, 200, "{started}");
+        let id = started["id"].as_str().expect("id").to_string();
+        let done = self.wait_finished(&id).await;
+        let (_, log) = self.text(&format!("/runs/{id}/logs")).await;
+        (id, done, log)
+    }
+}
+
+#[tokio::test]
+async fn a_warm_start_reads_its_inputs_at_start_and_runs_in_its_own_folder_and_kernel() {
+    let cells = ["print('version', 1)"];
+    let s =
+        start_server(Options { notebook: &notebook(&cells), data_dir: None, token: None, args: &[] }).await;
+    let spare = wait_spare(&s.data_dir, None).await;
+
+    // The notebook and the parameters change after the spare started: the run reads them at /start.
+    let nb = std::fs::read_to_string(Path::new(REPO).join("notebooks/parameters.ipynb")).unwrap();
+    let mut nb: Value = serde_json::from_str(&nb).unwrap();
+    let probe = "import os\nprint('cwd', os.getcwd())\nseen = globals().get('leak', 'none'); leak = 'set'\nprint('leak', seen)";
+    nb["cells"].as_array_mut().unwrap().push(json!({
+        "cell_type": "code", "id": "probe", "metadata": {}, "execution_count": null, "outputs": [], "source": probe
+    }));
+    std::fs::write(s._tmp.as_ref().unwrap().path().join("notebook.ipynb"), nb.to_string()).unwrap();
+    let (id, done, log) = s.run_to_end(Some(r#"{"parameters": {"name": "operator", "count": 2}}"#)).await;
+    assert_eq!(done["status"], "SUCCESS", "{done}\n{log}");
+    assert!(log.contains("hello operator, hello operator"), "parameters given at /start: {log}");
+    assert!(!log.contains("version 1"), "the notebook as it is at /start: {log}");
+    let run_dir = std::fs::canonicalize(s.data_dir.join("runs").join(&id)).unwrap();
+    assert!(
+        log.contains(&format!("cwd {}", run_dir.display())),
+        "the kernel works in the run's folder: {log}"
+    );
+    assert!(log.contains("leak none"), "{log}");
+    // This run took the spare: it is gone, and a new one replaces it.
+    assert!(!pid_alive(spare) || spare_pid(&s.data_dir) != Some(spare), "the spare is used once");
+    wait_spare(&s.data_dir, Some(spare)).await;
+
+    // The next run gets a fresh kernel: nothing of the previous run is left in it.
+    let (_, done, log) = s.run_to_end(Some(r#"{"parameters": {"name": "again", "count": 1}}"#)).await;
+    assert_eq!(done["status"], "SUCCESS", "{done}\n{log}");
+    assert!(log.contains("leak none") && !log.contains("leak set"), "no state shared between runs: {log}");
+}
+
+#[tokio::test]
+async fn a_spare_that_died_is_replaced_and_runs_still_start() {
+    let s =
+        start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None, args: &[] })
+            .await;
+    let spare = wait_spare(&s.data_dir, None).await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(spare), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_gone(spare, "killed spare").await;
+    let (_, done, log) = s.run_to_end(None).await;
+    assert_eq!(done["status"], "SUCCESS", "a run starts with or without a spare: {done}\n{log}");
+    wait_spare(&s.data_dir, Some(spare)).await;
+}
+
+#[tokio::test]
+async fn warm_kernel_off_starts_every_run_cold() {
+    let args = ["--warm-kernel=false"];
+    let s =
+        start_server(Options { notebook: &notebook(&SUCCESS_NB), data_dir: None, token: None, args: &args })
+            .await;
+    let (_, done, log) = s.run_to_end(None).await;
+    assert_eq!(done["status"], "SUCCESS", "{done}\n{log}");
+    // Spares wait in <data dir>/spare, made before the first spare starts: there is none.
+    assert!(!s.data_dir.join("spare").exists(), "no spare runner with --warm-kernel=false");
 }

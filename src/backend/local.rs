@@ -1,5 +1,8 @@
 //! The local backend: the embedded runner as a child process group on this machine, one run at
-//! a time per data dir, each run kept under `DATA_DIR/runs/<id>/`.
+//! a time per data dir, each run kept under `DATA_DIR/runs/<id>/`. With `warm_kernel`, a spare
+//! runner with its kernel started waits for the next `/start` (see `spare`).
+
+mod spare;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -48,6 +51,8 @@ pub struct LocalConfig {
     pub kill_grace: Duration,
     pub cell_timeout: Option<Duration>,
     pub kernel: Option<String>,
+    /// Keep one runner with its kernel started ahead of `/start` (used once, then replaced).
+    pub warm_kernel: bool,
 }
 
 pub struct LocalBackend {
@@ -55,6 +60,8 @@ pub struct LocalBackend {
     runner: PathBuf,
     state: Mutex<State>,
     metrics: Metrics,
+    /// The warm spare runner, when `warm_kernel` is on.
+    spares: Option<spare::Spares>,
     /// Set when the server starts shutting down: no new runs, not ready.
     shutting_down: AtomicBool,
     /// Held for the life of the process: one server per data dir.
@@ -127,11 +134,21 @@ impl LocalBackend {
             }
             state.runs.insert(run.id.clone(), run);
         }
+        let spares = config.warm_kernel.then(|| {
+            spare::Spares::start(spare::SpareCommand {
+                python: config.python.clone(),
+                runner: runner.clone(),
+                dir: config.data_dir.join("spare"),
+                kernel: config.kernel.clone(),
+                notebook: config.notebook.clone(),
+            })
+        });
         let backend = Arc::new(Self {
             config,
             runner,
             state: Mutex::new(state),
             metrics,
+            spares,
             shutting_down: AtomicBool::new(false),
             _dir_lock: dir_lock,
         });
@@ -164,41 +181,35 @@ impl LocalBackend {
         if let Err(e) = tokio::fs::copy(&self.config.notebook, dir.join(INPUT_FILE)).await {
             warn!(run = %run.id, notebook = %self.config.notebook.display(), error = %e, "could not read the notebook");
         }
-        let mut cmd = tokio::process::Command::new(&self.config.python);
-        cmd.arg("-u")
-            .arg(&self.runner)
-            .arg("--notebook")
-            .arg(INPUT_FILE)
-            .arg("--output")
-            .arg(NOTEBOOK_FILE)
-            .arg("--termination-log")
-            .arg(TERMINATION_FILE);
+        let mut argv: Vec<String> =
+            ["--notebook", INPUT_FILE, "--output", NOTEBOOK_FILE, "--termination-log", TERMINATION_FILE]
+                .map(String::from)
+                .into();
         if let Some(parameters) = &run.parameters {
             write_atomic(&dir.join(PARAMETERS_FILE), &serde_json::to_vec(parameters)?)?;
-            cmd.arg("--parameters").arg(PARAMETERS_FILE);
+            argv.extend(["--parameters".into(), PARAMETERS_FILE.into()]);
         }
         if let Some(timeout) = self.config.cell_timeout {
-            cmd.arg("--cell-timeout").arg(timeout.as_secs().max(1).to_string());
+            argv.extend(["--cell-timeout".into(), timeout.as_secs().max(1).to_string()]);
         }
         if let Some(kernel) = &self.config.kernel {
-            cmd.arg("--kernel").arg(kernel);
+            argv.extend(["--kernel".into(), kernel.clone()]);
         }
-        let (reader, writer) = std::io::pipe()?;
-        let writer_err = writer.try_clone()?;
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(OwnedFd::from(writer)))
-            .stderr(Stdio::from(OwnedFd::from(writer_err)))
-            .current_dir(dir)
-            .env("PYTHONUNBUFFERED", "1")
-            .process_group(0)
-            .kill_on_drop(false);
-        // SAFETY: prctl is async-signal-safe; the runner dies with this server, so a restarted
-        // server never finds a run still executing behind its back.
-        unsafe {
-            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
-        }
-        let mut child = cmd.spawn()?;
-        drop(cmd);
+        let (mut child, reader) = match self.warm_runner(dir, &argv).await {
+            Some(spare) => (spare.child, spare.output),
+            None => {
+                let mut cmd = runner_command(&self.config.python, &self.runner, dir);
+                cmd.args(&argv);
+                let (reader, writer) = std::io::pipe()?;
+                let writer_err = writer.try_clone()?;
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::from(OwnedFd::from(writer)))
+                    .stderr(Stdio::from(OwnedFd::from(writer_err)));
+                let child = cmd.spawn()?;
+                drop(cmd);
+                (child, tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?)
+            }
+        };
         let pid = child
             .id()
             .map(|p| Pid::from_raw(p as i32))
@@ -206,7 +217,6 @@ impl LocalBackend {
         let (log_tx, log_rx) = watch::channel(0u64);
         let exited = Arc::new(AtomicBool::new(false));
         let reaped = Arc::clone(&exited);
-        let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
         let me = Arc::clone(self);
         let id = run.id.clone();
         let log_path = dir.join(LOG_FILE);
@@ -231,6 +241,20 @@ impl LocalBackend {
             .instrument(info_span!("run", run = %run.id)),
         );
         Ok((pid, log_rx, exited))
+    }
+
+    /// The spare runner, handed this run; None when there is none (or it is gone): start cold.
+    async fn warm_runner(&self, dir: &Path, argv: &[String]) -> Option<spare::Spare> {
+        let mut spare = self.spares.as_ref()?.take().await?;
+        let cwd = dir.to_str()?;
+        match spare.hand_over(cwd, argv).await {
+            Ok(()) => Some(spare),
+            Err(e) => {
+                warn!(error = %e, "the spare runner could not take the run: starting one");
+                let _ = killpg(spare.pid, Signal::SIGKILL);
+                None
+            }
+        }
     }
 
     /// Copies what the notebook prints to the log and turns progress events into status.
@@ -328,6 +352,9 @@ impl LocalBackend {
                 )
             })
         };
+        if let Some(spares) = &self.spares {
+            spares.stop().await;
+        }
         let Some((id, stop)) = stopping else { return };
         info!(run = %id, "server shutting down: stopping the active run");
         self.stop_group(stop).await;
@@ -615,6 +642,23 @@ fn kill_stale_runner(pid: i32, runner: &Path) {
     if String::from_utf8_lossy(&cmdline).contains(runner.as_ref()) {
         let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
     }
+}
+
+/// `python -u run.py` in `cwd`, in its own process group, dying with this server.
+fn runner_command(python: &Path, runner: &Path, cwd: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.arg("-u")
+        .arg(runner)
+        .current_dir(cwd)
+        .env("PYTHONUNBUFFERED", "1")
+        .process_group(0)
+        .kill_on_drop(false);
+    // SAFETY: prctl is async-signal-safe; the runner dies with this server, so a restarted
+    // server never finds a run still executing behind its back.
+    unsafe {
+        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
+    }
+    cmd
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -3,6 +3,15 @@
 
     python3 run.py --notebook IN --output OUT [--parameters FILE] [--kernel NAME]
                    [--cell-timeout S] [--termination-log PATH]
+    python3 run.py --warm KERNEL
+
+A warm runner (``--warm``, the local backend's spare) launches the kernel KERNEL, imports
+everything and finishes the kernel handshake, then waits for one line on stdin:
+``{"cwd": DIR, "argv": [the arguments above]}``. It then changes into DIR (and so does the
+kernel) and runs exactly as a cold runner given those arguments would; the notebook and the
+parameters are read only then. A kernel other than KERNEL is launched afresh. A warm runner that
+gets SIGTERM, EOF on stdin, or whose kernel dies before that line exits (code 0, or 5) and
+reports nothing.
 
 Protocol (DESIGN.md section 6):
 
@@ -541,6 +550,7 @@ class Kernel:
             argv.append("--HistoryManager.hist_file=:memory:")
         self.proc = subprocess.Popen(
             argv,
+            preexec_fn=_die_with_parent,
             stdin=subprocess.DEVNULL,
             # the kernel process's own fd 1 goes to our stderr: stdout carries only the protocol
             # and the cells' streams (which come over IOPub)
@@ -579,6 +589,16 @@ class Kernel:
         import shutil
 
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _die_with_parent():
+    """In the kernel's child before exec: SIGKILL when this runner dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the kernel's own parent poller remains
+        pass
 
 
 def _free_ports(n):
@@ -623,10 +643,16 @@ class Run:
         self.pending_signal = None
         self.finishing = False
         self.out_warned = False
+        self.spare = False  # a warm runner waiting for its run: a signal just ends it
+        self.kc = None  # the warm kernel's client and kernel_info reply, when it is reused
+        self.ready_reply = None
+        self.kernel_cwd = None  # where the reused warm kernel must change into
 
     # ---- signals
 
     def on_signal(self, signum, frame):
+        if self.spare:
+            self.exit_spare(0)
         if self.finishing:
             return
         if self.launching:
@@ -725,40 +751,139 @@ class Run:
     # ---- main
 
     def main(self, argv):
-        self.termination_log = scan_termination_log(argv)
-        try:
-            try:
-                self.args = parse_args(argv)
-            except _ArgError as e:
-                raise InputError("InvalidNotebook", "Invalid arguments: %s" % e)
-            self.termination_log = self.args.termination_log
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self.on_signal)
-            if _EARLY_SIGNALS:
-                self.cancel(_EARLY_SIGNALS[0])
-            self.start()
-            self.load()
+        if argv[:1] == ["--warm"]:
+            self.warm_main(argv[1:])
+            return
+
+        def body():
+            self.begin(argv)
             import asyncio
 
             asyncio.run(self.execute())
-            raise Outcome("KernelDied", "Runner error: the execution ended without an outcome")
-        except InputError as e:
-            self.finish(Outcome(e.reason, e.message))
-        except Outcome as o:
-            self.finish(o)
-        except BaseException as e:  # noqa: BLE001 - never a bare traceback
-            import traceback
 
-            self.finish(
-                Outcome(
-                    "KernelDied",
-                    "Runner error: %s: %s" % (type(e).__name__, first_line(e)),
-                    ename=type(e).__name__,
-                    evalue=str(e),
-                    traceback="".join(traceback.format_exception(type(e), e, e.__traceback__)),
-                    cell=self.current_cell,
-                )
+        self.guarded(body)
+
+    def begin(self, argv):
+        """Arguments, signals, inputs and the kernel: everything before the first cell."""
+        self.termination_log = scan_termination_log(argv)
+        try:
+            self.args = parse_args(argv)
+        except _ArgError as e:
+            raise InputError("InvalidNotebook", "Invalid arguments: %s" % e)
+        self.termination_log = self.args.termination_log
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.on_signal)
+        if _EARLY_SIGNALS:
+            self.cancel(_EARLY_SIGNALS[0])
+        self.start()
+        self.load()
+
+    def guarded(self, body):
+        """Runs body (which ends in an Outcome); every way out reports an outcome. Never returns."""
+        try:
+            body()
+            raise Outcome("KernelDied", "Runner error: the execution ended without an outcome")
+        except BaseException as e:  # noqa: BLE001 - never a bare traceback
+            self.fail(e)
+
+    def fail(self, e):
+        if isinstance(e, InputError):
+            self.finish(Outcome(e.reason, e.message))
+        if isinstance(e, Outcome):
+            self.finish(e)
+        import traceback
+
+        self.finish(
+            Outcome(
+                "KernelDied",
+                "Runner error: %s: %s" % (type(e).__name__, first_line(e)),
+                ename=type(e).__name__,
+                evalue=str(e),
+                traceback="".join(traceback.format_exception(type(e), e, e.__traceback__)),
+                cell=self.current_cell,
             )
+        )
+
+    # ---- warm start (the local backend's spare runner)
+
+    def warm_main(self, argv):
+        if len(argv) != 1:
+            err("notebook-operator runner: --warm takes one kernel name")
+            self.exit_spare(5)
+        self.spare = True
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.on_signal)
+        if _EARLY_SIGNALS:
+            self.exit_spare(0)
+        try:
+            self.kernel = Kernel(get_kernel_spec(argv[0]))
+            self.kernel.launch()
+        except Exception as e:  # noqa: BLE001
+            err("notebook-operator runner: the spare kernel %r did not start: %s" % (argv[0], first_line(e)))
+            self.exit_spare(5)
+        import asyncio
+
+        asyncio.run(self.warm())
+
+    async def warm(self):
+        try:
+            self.kc, self.ready_reply = await self.connect()
+        except BaseException as e:  # noqa: BLE001
+            err("notebook-operator runner: the spare kernel is not ready: %s" % first_line(e))
+            self.exit_spare(5)
+        trace("warm: waiting for a run")
+        go = await self.wait_go()
+        self.spare = False
+        try:
+            os.chdir(go["cwd"])
+            self.kernel_cwd = os.getcwd()
+            trace("warm: run received")
+            self.begin(go["argv"])
+            await self.execute()
+            raise Outcome("KernelDied", "Runner error: the execution ended without an outcome")
+        except BaseException as e:  # noqa: BLE001
+            self.fail(e)
+
+    async def wait_go(self):
+        """The run's line on stdin: {"cwd": ..., "argv": [...]}; exits when the kernel dies first."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        got = loop.create_future()
+        buf = bytearray()
+
+        def readable():
+            try:
+                chunk = os.read(0, 65536)
+            except OSError:
+                chunk = b""
+            buf.extend(chunk)
+            if (not chunk or b"\n" in buf) and not got.done():
+                got.set_result(None)
+
+        loop.add_reader(0, readable)
+        while not got.done():
+            await asyncio.wait([got], timeout=1.0)
+            if not self.kernel.alive():
+                err("notebook-operator runner: the spare kernel exited while idle")
+                self.exit_spare(5)
+        loop.remove_reader(0)
+        line = bytes(buf).split(b"\n", 1)[0]
+        if not line:
+            self.exit_spare(0)  # the server went away before a run came
+        try:
+            go = json.loads(line.decode("utf-8"))
+            if not isinstance(go.get("cwd"), str) or not all(isinstance(a, str) for a in go.get("argv")):
+                raise ValueError("cwd must be a string and argv a list of strings")
+        except (ValueError, TypeError, AttributeError) as e:
+            err("notebook-operator runner: invalid run line on stdin: %s" % first_line(e))
+            self.exit_spare(5)
+        return go
+
+    def exit_spare(self, code):
+        if self.kernel is not None:
+            self.kernel.kill()
+        os._exit(code)
 
     def start(self):
         """Read the inputs and launch the kernel (before the heavy imports)."""
@@ -778,6 +903,13 @@ class Run:
                 % (name, spec.language),
             )
         trace("kernelspec %s: %s" % (name, spec.argv))
+        if self.kernel is not None:
+            if self.kernel.spec.name == name and self.kernel.alive():
+                trace("warm kernel reused")
+                return
+            # the spare's kernel is not the one this notebook asks for: a fresh one
+            self.kernel.kill()
+            self.kernel, self.kc, self.ready_reply, self.kernel_cwd = None, None, None, None
         self.launching = True  # signals wait until the kernel is either launched or not
         try:
             self.kernel = Kernel(spec)
@@ -812,10 +944,9 @@ class Run:
         STDOUT.event(event="start", cellsTotal=self.cells_total)
         trace("notebook loaded")
 
-    async def execute(self):
+    async def connect(self):
+        """A client connected to our kernel, and the kernel's kernel_info reply."""
         from jupyter_client.asynchronous import AsyncKernelClient
-        from nbclient import NotebookClient
-        from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
         kernel = self.kernel
 
@@ -825,6 +956,43 @@ class Run:
                 return kernel.alive()
 
             _async_is_alive = is_alive
+
+        kc = KernelClient()
+        kc.load_connection_info(kernel.info)
+        kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+        kc.allow_stdin = False
+        trace("client imported and connected")
+        reply = await self.wait_ready(kc)
+        trace("kernel ready")
+        # imported here, so that a warm runner has paid for them before its run comes
+        import nbclient  # noqa: F401
+        import nbformat  # noqa: F401
+
+        return kc, reply
+
+    async def chdir_kernel(self, kc, path):
+        """The warm kernel was started elsewhere: it moves into the run's folder, silently."""
+        code = "__import__('os').chdir(%r)" % path
+        msg_id = kc.execute(code, silent=True, store_history=False)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            from queue import Empty
+
+            try:
+                msg = await kc.shell_channel.get_msg(timeout=1.0)
+            except Empty:
+                if not self.kernel.alive():
+                    break
+                continue
+            if (msg.get("parent_header") or {}).get("msg_id") == msg_id:
+                if (msg.get("content") or {}).get("status") == "ok":
+                    return
+                break
+        raise Outcome("KernelDied", "The kernel could not change into the run's folder")
+
+    async def execute(self):
+        from nbclient import NotebookClient
+        from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
         class Client(NotebookClient):
             def output(self, outs, msg, display_id, cell_index):
@@ -837,13 +1005,11 @@ class Run:
 
         a = self.args
         timeout = a.cell_timeout if a.cell_timeout and a.cell_timeout > 0 else None
-        kc = KernelClient()
-        kc.load_connection_info(kernel.info)
-        kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
-        kc.allow_stdin = False
-        trace("client imported and connected")
-        reply = await self.wait_ready(kc)
-        trace("kernel ready")
+        if self.kc is not None:
+            kc, reply = self.kc, self.ready_reply
+            await self.chdir_kernel(kc, self.kernel_cwd)
+        else:
+            kc, reply = await self.connect()
         if "language_info" in reply.get("content", {}):
             self.nb.metadata["language_info"] = reply["content"]["language_info"]
 
