@@ -87,6 +87,9 @@ pub struct NotebookRunSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 31_536_000))]
     pub ttl_seconds_after_finished: Option<i32>,
+    /// Webhooks told when the run ends (docs/notifications.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<Notify>,
 }
 
 impl NotebookRun {
@@ -163,6 +166,58 @@ pub struct RunSecurityContext {
     /// Mount the image read-only; HOME and TMPDIR are on the pod's own writable volumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_only_root_filesystem: Option<bool>,
+}
+
+/// Where a run's end is reported: webhooks, each with its URL in a Secret.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Notify {
+    #[serde(default)]
+    #[schemars(length(max = 10))]
+    pub webhooks: Vec<Webhook>,
+}
+
+/// One webhook: an HTTP POST of the run's outcome when it ends in one of `phases`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Webhook {
+    /// The URL is a secret (Slack's and most chat webhooks carry their credential in it).
+    pub url_from: WebhookUrlSource,
+    /// The terminal phases reported (default: Failed).
+    #[serde(default = "default_notify_phases")]
+    #[schemars(length(min = 1, max = 4))]
+    pub phases: Vec<RunPhase>,
+    /// The body: `json` (the run's outcome) or `slack` (a Slack incoming-webhook message).
+    #[serde(default)]
+    pub format: NotifyFormat,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookUrlSource {
+    pub secret_key_ref: SecretKeyRef,
+}
+
+/// A key of a Secret in the run's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyFormat {
+    #[default]
+    Json,
+    Slack,
+}
+
+fn default_notify_phases() -> Vec<RunPhase> {
+    vec![RunPhase::Failed]
 }
 
 /// Durations in Go syntax (`90s`, `10m`, `1h30m`).
@@ -348,6 +403,42 @@ pub struct NotebookRunStatus {
     pub error: Option<RunError>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<OutputRef>,
+    /// Delivery of `spec.notify`, one entry per webhook and phase; written by the notifier
+    /// under its own field manager.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 40))]
+    pub notifications: Vec<NotificationStatus>,
+}
+
+/// The delivery of one webhook's notification of one phase.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationStatus {
+    /// Index of the webhook in `spec.notify.webhooks`.
+    #[schemars(range(max = 9))]
+    pub webhook: u32,
+    pub phase: RunPhase,
+    pub state: NotificationState,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt_time: Option<Time>,
+    /// Why the last attempt failed (never the URL: it is a secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<Time>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum NotificationState {
+    /// Being delivered (retried with backoff).
+    Pending,
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Retries ran out; a Warning Event said so.
+    Failed,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema, utoipa::ToSchema)]
@@ -444,7 +535,7 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
 // === CRD generation ===
 
 /// Optional spec fields, compared one by one by the immutability rule.
-const OPTIONAL_SPEC_FIELDS: [&str; 12] = [
+const OPTIONAL_SPEC_FIELDS: [&str; 13] = [
     "image",
     "kernel",
     "parameters",
@@ -457,6 +548,7 @@ const OPTIONAL_SPEC_FIELDS: [&str; 12] = [
     "securityContext",
     "timeouts",
     "ttlSecondsAfterFinished",
+    "notify",
 ];
 const DEFAULTED_SPEC_FIELDS: [&str; 4] = ["notebook", "retries", "lock", "concurrencyPolicy"];
 /// Bounds given to every string and list that has none, so CEL cost estimates stay bounded.
@@ -486,7 +578,21 @@ pub fn crd() -> CustomResourceDefinition {
     let status = &mut schema["properties"]["status"];
     status["properties"]["conditions"]["x-kubernetes-list-type"] = json!("map");
     status["properties"]["conditions"]["x-kubernetes-list-map-keys"] = json!(["type"]);
+    // One entry per webhook and phase, owned by the notifier's field manager.
+    status["properties"]["notifications"]["x-kubernetes-list-type"] = json!("map");
+    status["properties"]["notifications"]["x-kubernetes-list-map-keys"] = json!(["webhook", "phase"]);
+    notify_rules(&mut schema["properties"]["spec"]["properties"]["notify"]);
     serde_json::from_value(value).expect("CRD deserializes")
+}
+
+/// A webhook reports terminal phases only, each once.
+fn notify_rules(notify: &mut Value) {
+    let phases = &mut notify["properties"]["webhooks"]["items"]["properties"]["phases"];
+    phases["x-kubernetes-list-type"] = json!("set");
+    phases["x-kubernetes-validations"] = json!([{
+        "rule": "self.all(p, p in ['Succeeded', 'Failed', 'Cancelled', 'Rejected'])",
+        "message": "phases must be terminal phases: Succeeded, Failed, Cancelled, Rejected"
+    }]);
 }
 
 fn immutability_rule() -> String {

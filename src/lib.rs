@@ -10,6 +10,7 @@ pub mod job;
 pub mod leader;
 pub mod lock;
 pub mod metrics;
+pub mod notify;
 pub mod progress;
 pub mod runner;
 pub mod status;

@@ -65,6 +65,7 @@ pub struct Metrics {
     leader: Gauge,
     http_requests: Family<RequestLabels, Counter>,
     api_starts: Family<OutcomeLabel, Counter>,
+    notifications: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -99,6 +100,7 @@ impl Metrics {
         let leader = Gauge::default();
         let http_requests = Family::<RequestLabels, Counter>::default();
         let api_starts = Family::<OutcomeLabel, Counter>::default();
+        let notifications = Family::<OutcomeLabel, Counter>::default();
         if runs {
             registry.register("runs_started", "Runs that started executing", runs_started.clone());
             registry.register("runs_finished", "Runs that finished, by reason", runs_finished.clone());
@@ -113,6 +115,11 @@ impl Metrics {
                 "leader",
                 "1 while this controller reconciles (the elected leader, or the only one), else 0",
                 leader.clone(),
+            );
+            registry.register(
+                "notifications",
+                "Run-end notifications finished, by outcome (delivered, failed)",
+                notifications.clone(),
             );
         }
         if api {
@@ -133,6 +140,7 @@ impl Metrics {
             leader,
             http_requests,
             api_starts,
+            notifications,
         }
     }
 
@@ -146,6 +154,11 @@ impl Metrics {
             _ => "5xx",
         };
         self.http_requests.get_or_create(&RequestLabels { route: route.to_string(), status }).inc();
+    }
+
+    /// A notification delivered or given up (`delivered`, `failed`).
+    pub fn notification(&self, outcome: &'static str) {
+        self.notifications.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
     pub fn api_start(&self, outcome: StartOutcome) {

@@ -51,6 +51,8 @@ pub struct ControllerConfig {
     pub progress_interval: Duration,
     /// How long a cancelled run's pod gets to save its partial notebook.
     pub cancel_grace: Duration,
+    /// Webhooks when runs end (`spec.notify`).
+    pub notify: crate::notify::NotifyConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +142,14 @@ pub async fn run(
         client.clone(),
         Reporter { controller: "notebook-operator".into(), instance: std::env::var("POD_NAME").ok() },
     );
+    let notify_loop = crate::notify::run(
+        client.clone(),
+        config.notify.clone(),
+        config.namespace.clone(),
+        metrics.clone(),
+        leadership.clone(),
+        shutdown.clone(),
+    );
     let ctx = Arc::new(Context {
         client: client.clone(),
         config: config.clone(),
@@ -181,7 +191,7 @@ pub async fn run(
         });
     // The other loops of the controller (schedules, notifications) join here, each with
     // `shutdown.clone()` and the same `leadership`.
-    runs_loop.await;
+    tokio::join!(runs_loop, notify_loop);
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
