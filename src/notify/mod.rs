@@ -198,7 +198,7 @@ async fn deliver_run(notifier: Arc<Notifier>, run: NotebookRun, stop: Cancellati
     let runs: Api<NotebookRun> = Api::namespaced(notifier.client.clone(), &ns);
     // The stored status, not the event's: a stale event must not send what was delivered since.
     let mut wait = FIRST_BACKOFF;
-    let run = loop {
+    let mut run = loop {
         match runs.get_status(&name).await {
             Ok(fresh) if fresh.uid() == run.uid() => break fresh,
             Ok(_) => return,
@@ -211,6 +211,9 @@ async fn deliver_run(notifier: Arc<Notifier>, run: NotebookRun, stop: Cancellati
         }
         wait = (wait * 2).min(MAX_BACKOFF);
     };
+    // Held until delivered: keep what the bodies need, not an inline notebook.
+    run.spec.notebook.inline = None;
+    run.metadata.managed_fields = None;
     let Some(phase) = run.phase() else { return };
     let due = due(&run);
     if due.is_empty() {
@@ -314,7 +317,7 @@ impl Delivery<'_> {
                         entry.attempts
                     );
                     info!(webhook = index, attempts = entry.attempts, "notification delivered");
-                    self.event(EventType::Normal, "NotificationDelivered", note).await;
+                    self.event(index, EventType::Normal, "NotificationDelivered", note).await;
                     return;
                 }
                 NotificationState::Failed => {
@@ -327,7 +330,7 @@ impl Delivery<'_> {
                         entry.last_error.as_deref().unwrap_or_default()
                     );
                     warn!(webhook = index, attempts = entry.attempts, "notification failed");
-                    self.event(EventType::Warning, "NotificationFailed", note).await;
+                    self.event(index, EventType::Warning, "NotificationFailed", note).await;
                     return;
                 }
             }
@@ -431,12 +434,14 @@ impl Delivery<'_> {
         }
     }
 
-    async fn event(&self, type_: EventType, reason: &str, note: String) {
+    /// An Event about the run; the action names the webhook, so the recorder does not fold two
+    /// webhooks' outcomes into one series (it keys on type, reason and action).
+    async fn event(&self, index: u32, type_: EventType, reason: &str, note: String) {
         let event = KubeEvent {
             type_,
             reason: reason.into(),
             note: Some(note.chars().take(1000).collect()),
-            action: "Notify".into(),
+            action: format!("NotifyWebhook{index}"),
             secondary: None,
         };
         if let Err(e) = self.notifier.recorder.publish(&event, &self.run.object_ref(&())).await {
