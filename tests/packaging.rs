@@ -392,7 +392,10 @@ async fn default_render_is_namespaced_and_locked_down() {
         );
     }
     let controller_grants = grants(&rules(&m, "Role", "nbo-notebook-operator-controller"));
-    assert!(!controller_grants.iter().any(|(_, r, _)| r == "secrets"), "the controller reads no Secret");
+    // Webhook URLs (spec.notify) are read by name; Secrets are never listed or watched.
+    let secret_verbs: Vec<&str> =
+        controller_grants.iter().filter(|(_, r, _)| r == "secrets").map(|(_, _, v)| v.as_str()).collect();
+    assert_eq!(secret_verbs, ["get"], "the controller only gets Secrets by name");
     let needed: Vec<_> = [
         grant("events.k8s.io", "events", &["create", "patch"]),
         grant("", "events", &["create", "patch"]),
@@ -451,6 +454,8 @@ async fn non_default_values_render_what_they_say() {
             "networkPolicy.apiFrom[0].podSelector.matchLabels.role=client",
             "serviceMonitor.enabled=true",
             "controller.progressInterval=500ms",
+            "controller.notifyRetryFor=1h",
+            "publicUrl=https://notebooks.example.com",
             "logFormat=text",
         ],
     );
@@ -489,6 +494,8 @@ async fn non_default_values_render_what_they_say() {
     let c = container(&controller, "controller");
     assert_eq!(arg_value(c, "--namespace"), None, "every namespace");
     assert_eq!(arg_value(c, "--progress-interval").as_deref(), Some("500ms"));
+    assert_eq!(arg_value(c, "--notify-retry-for").as_deref(), Some("1h"));
+    assert_eq!(arg_value(c, "--public-url").as_deref(), Some("https://notebooks.example.com"));
     assert_eq!(c.image.as_deref(), Some("registry.example.com/notebook-operator:1.2.3"));
     assert_eq!(c.command.clone().unwrap(), ["/opt/nbo/notebook-operator", "controller"]);
     assert!(c.env.iter().flatten().any(|e| e.name == "LOG_FORMAT" && e.value.as_deref() == Some("text")));
@@ -553,6 +560,8 @@ fn schema_and_templates_refuse_bad_values() {
         (&["api.port=70000"], "/api/port"),
         (&["api.lock=Not_A_Name"], "/api/lock"),
         (&["controller.cancelGrace=soon"], "/controller/cancelGrace"),
+        (&["controller.notifyRetryFor=forever"], "/controller/notifyRetryFor"),
+        (&["publicUrl=notebooks.example.com"], "/publicUrl"),
         (&["controller.resources.limits.memory=lots"], "/controller/resources/limits/memory"),
         (&["controller.replicas=0"], "/controller/replicas"),
         (&["controller.leaderElection.enabled=false"], "controller.replicas must be 1"),

@@ -144,6 +144,10 @@ seccompProfile:
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+# Webhook URLs of spec.notify, read by name when a run ends; never listed or watched.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 {{- end }}
 
 {{/* The API: creates and reads runs, never Leases or Jobs. */}}
