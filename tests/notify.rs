@@ -311,6 +311,31 @@ async fn a_failing_receiver_is_retried_with_the_same_key_until_it_answers_2xx() 
 }
 
 #[tokio::test]
+async fn a_restarted_controller_resumes_a_pending_delivery_with_the_same_key() {
+    let mut env = env("notify-resume", &["--notify-retry-for", "60s"]).await;
+    let (hook, url) = Receiver::start(&[Answer::Status(503), Answer::Status(503), Answer::Status(503)]).await;
+    secret(&env, "hooks", json!({"url": url})).await;
+    env.create(&run_of("resumed", &FAILING, notify(&[webhook("hooks", None, None)]))).await;
+    env.wait_until("resumed", "a failed attempt recorded", |r| entry(r, 0).is_some_and(|e| e.attempts >= 1))
+        .await;
+    // A crash while the delivery is pending: the next controller reads where it stood.
+    env.op.kill();
+    let recorded = entry(&env.get("resumed").await, 0).unwrap().attempts;
+    let sent = hook.seen().len();
+    env.op.restart();
+    let done = wait_final(&env, "resumed", 0).await;
+    let e = entry(&done, 0).unwrap();
+    assert_eq!(e.state, NotificationState::Delivered, "{e:?}");
+    let sent_since = hook.seen().len() - sent;
+    assert!(sent_since >= 1, "the restarted controller delivered");
+    assert_eq!(e.attempts, recorded + sent_since as u32, "attempts count on from the status: {e:?}");
+    let seen = hook.seen();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    let key = format!("{}-Failed", done.uid().unwrap());
+    assert!(seen.iter().all(|s| s.header("idempotency-key") == key));
+}
+
+#[tokio::test]
 async fn a_receiver_that_never_answers_fails_after_the_budget_and_blocks_no_other_run() {
     // One attempt may hang 20s; retries stop 1s after the run ended: one attempt, then Failed.
     let env = env("notify-hang", &["--notify-retry-for", "1s", "--notify-attempt-timeout", "20s"]).await;
