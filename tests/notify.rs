@@ -336,6 +336,31 @@ async fn a_restarted_controller_resumes_a_pending_delivery_with_the_same_key() {
 }
 
 #[tokio::test]
+async fn a_run_deleted_at_once_gets_one_attempt_and_no_retries() {
+    let env = env("notify-ttl", &["--notify-retry-for", "60s"]).await;
+    let (hook, url) = Receiver::start(&[Answer::Status(500)]).await;
+    secret(&env, "hooks", json!({"url": url})).await;
+    let mut spec = notify(&[webhook("hooks", None, None)]);
+    spec["ttlSecondsAfterFinished"] = json!(0);
+    spec["lock"] = json!("gone");
+    env.create(&run_of("gone", &FAILING, spec)).await;
+    hook.wait_for_requests(1, "the deleted run's attempt").await;
+    wait_for(RUN_TIMEOUT, "the run deleted by its TTL", || {
+        let runs = env.runs.clone();
+        async move { runs.get_opt("gone").await.is_ok_and(|r| r.is_none()) }
+    })
+    .await;
+    // The 500 would be retried after 1s for a run that still existed: a sentinel reported
+    // afterwards (it runs for longer than that) marks the point where the retry would have come.
+    let mut sentinel = notify(&[webhook("hooks", None, None)]);
+    sentinel["lock"] = json!("sentinel");
+    env.create(&run_of("sentinel", &FAILING, sentinel)).await;
+    wait_final(&env, "sentinel", 0).await;
+    let runs: Vec<Value> = hook.seen().iter().map(|s| s.body["run"].clone()).collect();
+    assert_eq!(runs, [json!("gone"), json!("sentinel")], "one attempt for the deleted run, no retry");
+}
+
+#[tokio::test]
 async fn a_receiver_that_never_answers_fails_after_the_budget_and_blocks_no_other_run() {
     // One attempt may hang 20s; retries stop 1s after the run ended: one attempt, then Failed.
     let env = env("notify-hang", &["--notify-retry-for", "1s", "--notify-attempt-timeout", "20s"]).await;

@@ -6,7 +6,8 @@
 //! At least once: progress is kept in `status.notifications` (server-side apply under
 //! [`FIELD_MANAGER`]), so a restarted or new leader resumes where the last one stopped, and
 //! every attempt of one run's phase carries the same `Idempotency-Key`. A run deleted before
-//! its notification was delivered stops its retries (the attempt in flight ends first).
+//! its notification was delivered stops its retries (the attempt in flight ends first); one
+//! deleted before the first attempt (a TTL of 0) still gets that attempt, unrecorded.
 
 pub mod body;
 
@@ -197,16 +198,17 @@ async fn deliver_run(notifier: Arc<Notifier>, run: NotebookRun, stop: Cancellati
     let (name, ns) = (run.name_any(), run.namespace().unwrap_or_default());
     let runs: Api<NotebookRun> = Api::namespaced(notifier.client.clone(), &ns);
     // The stored status, not the event's: a stale event must not send what was delivered since.
+    // A run already gone (a TTL of 0) gets one attempt from what the event showed.
     let mut wait = FIRST_BACKOFF;
-    let mut run = loop {
+    let (mut run, gone) = loop {
         match runs.get_status(&name).await {
-            Ok(fresh) if fresh.uid() == run.uid() => break fresh,
-            Ok(_) => return,
-            Err(kube::Error::Api(ae)) if ae.code == 404 => return,
+            Ok(fresh) if fresh.uid() == run.uid() => break (fresh, false),
+            Ok(_) => break (run, true),
+            Err(kube::Error::Api(ae)) if ae.code == 404 => break (run, true),
             Err(e) => debug!(error = %e, "reading the run's status (retried)"),
         }
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => break (run, true),
             () = tokio::time::sleep(wait) => {}
         }
         wait = (wait * 2).min(MAX_BACKOFF);
@@ -234,6 +236,7 @@ async fn deliver_run(notifier: Arc<Notifier>, run: NotebookRun, stop: Cancellati
         deadline,
         entries: &entries,
         stop: &stop,
+        gone,
     };
     futures::future::join_all(due.into_iter().map(|(i, hook)| delivery.deliver(i, hook))).await;
 }
@@ -249,6 +252,8 @@ struct Delivery<'a> {
     /// This manager's entries of the run, as last written.
     entries: &'a Mutex<Vec<NotificationStatus>>,
     stop: &'a CancellationToken,
+    /// The run was deleted before the first attempt: one attempt, nothing recorded.
+    gone: bool,
 }
 
 // === impl Delivery ===
@@ -280,13 +285,26 @@ impl Delivery<'_> {
                     }
                 }
             }
-            if self.stop.is_cancelled() || !self.notifier.leadership.is_leading() {
+            // A run deleted meanwhile stops its retries; its first attempt is still made.
+            let first = entry.last_attempt_time.is_none();
+            if (!first && self.stop.is_cancelled()) || !self.notifier.leadership.is_leading() {
                 return;
             }
             let result = {
                 let Ok(_permit) = self.notifier.attempts.acquire().await else { return };
                 self.attempt(&hook).await
             };
+            if self.gone {
+                let outcome = if result.is_ok() { "delivered" } else { "failed" };
+                self.notifier.metrics.notification(outcome);
+                match result {
+                    Ok(()) => info!(webhook = index, "notification of a deleted run delivered"),
+                    Err(why) => {
+                        warn!(webhook = index, error = %why, "notification of a deleted run failed (not retried)")
+                    }
+                }
+                return;
+            }
             let now = jiff::Timestamp::now();
             entry.attempts = entry.attempts.saturating_add(1);
             entry.last_attempt_time = Some(Time(now));
