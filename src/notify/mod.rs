@@ -439,6 +439,11 @@ impl Delivery<'_> {
             match self.runs.patch_status(&self.run.name_any(), &pp, &Patch::Apply(&patch)).await {
                 Ok(_) => return true,
                 Err(kube::Error::Api(ae)) if ae.code == 404 => return false,
+                // Refused for good (RBAC, an outdated CRD): retrying the same write cannot help.
+                Err(kube::Error::Api(ae)) if matches!(ae.code, 400 | 403 | 422) => {
+                    warn!(code = ae.code, error = %ae.message, "the notification's status was refused");
+                    return false;
+                }
                 Err(e) => warn!(error = %e, "recording a notification (retried)"),
             }
             tokio::select! {
