@@ -590,6 +590,16 @@ mod tests {
         assert!(n >= 12, "{n}");
     }
 
+    #[tokio::test]
+    async fn a_refused_connection_is_described_without_its_url() {
+        // Port 1 on the loopback: nothing listens there.
+        let url = "http://127.0.0.1:1/hooks/T0KEN-s3cr3t";
+        let err = reqwest::Client::new().post(url).send().await.expect_err("nothing listens");
+        let why = describe(&err, Duration::from_secs(10));
+        assert!(why.starts_with("could not connect"), "{why}");
+        assert!(!why.contains("T0KEN") && !why.contains("127.0.0.1:1"), "{why}");
+    }
+
     #[test]
     fn durations_read_as_flags() {
         assert_eq!(humantime(Duration::from_secs(600)), "10m");
