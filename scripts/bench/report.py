@@ -197,18 +197,19 @@ def write(results, path):
     w("## B7 controller memory, B8 restart")
     w("")
     w("Each level: a controller started fresh over the namespace, RSS (`VmRSS` in `/proc/<pid>/status`) read")
-    w("once its cache synced (`/readyz` 200) and its CPU went quiet (≤ 40 ms of CPU in 2 s).")
+    w("once it served `/healthz` and its CPU went quiet (≤ 40 ms of CPU in 2 s); open fds from")
+    w("`/proc/<pid>/fd` (mostly its connections to the API server).")
     w("")
-    w("| finished runs | `/healthz` after | `/readyz` after | idle after | RSS | peak RSS (VmHWM) |")
-    w("| --- | --- | --- | --- | --- | --- |")
+    w("| finished runs | `/healthz` after | `/readyz` after | idle after | RSS | peak RSS (VmHWM) | open fds |")
+    w("| --- | --- | --- | --- | --- | --- | --- |")
     for lvl in levels:
         c = ctrl.get(str(lvl), {})
         ready = ms(c.get("ready_s")) if c.get("ready_s") is not None else "never 200"
         w(f"| {lvl} | {ms(c.get('serving_s'))} | {ready} | {ms(c.get('idle_s'))} | {mib(c.get('rss_kib'))} | "
-          f"{mib(c.get('hwm_kib'))} |")
+          f"{mib(c.get('hwm_kib'))} | {c.get('fds', '–')} |")
     after = ctrl.get(f"{top}_after_series", {})
     if after:
-        w(f"| {top}, after the /start series | | | {mib(after.get('rss_kib'))} | |")
+        w(f"| {top}, after the /start series | | | | {mib(after.get('rss_kib'))} | | |")
     w("")
     cc = cl.get("cache_content", {})
     if cc:
@@ -268,10 +269,13 @@ def write(results, path):
     w("For comparison (issue 11): the original FastAPI + Celery service took a median 1.26 s on the same")
     w("notebook, this project before the warm kernel 0.74 s.")
     w("")
-    if "general" in explain:
+    never_ready = any(isinstance(c, dict) and "serving_s" in c and c.get("ready_s") is None for c in ctrl.values())
+    if "general" in explain or never_ready:
         w("## Notes")
         w("")
-        w(explain["general"])
+        w(explain.get("general", ""))
+        if never_ready and "readyz" in explain:
+            w("- " + " ".join(explain["readyz"].split()))
         w("")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -344,6 +344,10 @@ class Cluster:
         crd = subprocess.run([self.binary, "crd"], capture_output=True, check=True).stdout
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=crd)
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/notebookruns.notebooks.dev")
+        # NotebookSchedule, where the binary has it (the controller watches it).
+        schedule = subprocess.run([self.binary, "crd", "schedule"], capture_output=True)
+        if schedule.returncode == 0 and schedule.stdout.strip():
+            self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=schedule.stdout)
         if self.kube.get_opt(f"/api/v1/namespaces/{NS}") is not None:
             sys.exit(f"namespace {NS} exists already: use a fresh dev cluster")
         self.kube.create("/api/v1/namespaces", {"metadata": {"name": NS}})
@@ -621,7 +625,7 @@ def controller_settled(cluster, tag):
     st = proc_status(pid)
     poller.join()
     return {"serving_s": serving, "ready_s": ready.get("s"), "idle_s": idle_at - cluster.controller.started,
-            "rss_kib": st["VmRSS"], "hwm_kib": st["VmHWM"]}
+            "rss_kib": st["VmRSS"], "hwm_kib": st["VmHWM"], "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
 def restart_with_count(cluster, tag):
@@ -702,7 +706,7 @@ def bench_cluster(args, binary, results):
                 log(f"level {level}: restart convergence (B8) and RSS (B7)")
                 res["restart"] = restart_with_count(cluster, str(level))
                 res["controller"][str(level)] = {k: res["restart"][k] for k in
-                                                 ("serving_s", "ready_s", "idle_s", "rss_kib", "hwm_kib")}
+                                                 ("serving_s", "ready_s", "idle_s", "rss_kib", "hwm_kib", "fds")}
                 log(f"  /readyz {secs(res['restart']['ready_s'])}, idle {res['restart']['idle_s']:.2f}s, "
                     f"RSS {res['restart']['rss_kib']} KiB, runs modified {res['restart']['runs_modified']}, "
                     f"requests {res['restart']['api_requests']}")
