@@ -27,7 +27,7 @@ help:
 	@echo "                    kubelet and kube-scheduler (the real node)"
 	@echo "make dev-cluster    control plane + test kubelet in the foreground, kubeconfig in .dev-cluster/"
 	@echo "                    (NODE=real: a real kubelet, containerd and runc; needs root)"
-	@echo "make crds           regenerate crds/notebookrun.yaml (and the chart's copy, and deploy/)"
+	@echo "make crds           regenerate crds/notebookrun.yaml, crds/notebookschedule.yaml (the chart's copies, deploy/)"
 	@echo "make manifests      regenerate deploy/ from charts/notebook-operator"
 	@echo "make image          build the operator image (deploy/Dockerfile; needs a Docker engine)"
 	@echo "make bench          the benchmarks of DESIGN.md section 16 -> docs/benchmarks.md (~20 min)"
@@ -49,6 +49,8 @@ run: $(VENV_STAMP)
 crds:
 	$(CARGO) run --locked --quiet -- crd > crds/notebookrun.yaml
 	cp crds/notebookrun.yaml charts/notebook-operator/crds/notebookrun.yaml
+	$(CARGO) run --locked --quiet -- crd schedule > crds/notebookschedule.yaml
+	cp crds/notebookschedule.yaml charts/notebook-operator/crds/notebookschedule.yaml
 	HELM="$(CONTROL_PLANE)/helm" scripts/render-deploy.sh
 
 manifests:

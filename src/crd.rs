@@ -607,7 +607,7 @@ fn immutability_rule() -> String {
 }
 
 /// Gives every unbounded string, list and map a bound (kube's schema has none for core types).
-fn bound_schema(node: &mut Value) {
+pub(crate) fn bound_schema(node: &mut Value) {
     match node {
         Value::Object(map) => {
             let preserve = map.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true));

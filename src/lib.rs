@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod notify;
 pub mod progress;
 pub mod runner;
+pub mod schedule;
 pub mod status;
 pub mod telemetry;
 

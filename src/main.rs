@@ -44,10 +44,21 @@ enum Command {
     Api(KubeApiArgs),
     /// Controller and REST API in one process (one shutdown signal; if either half dies, the process exits).
     All(AllArgs),
-    /// Print the NotebookRun CRD as YAML.
-    Crd,
+    /// Print a CRD as YAML (NotebookRun, or NotebookSchedule with `crd schedule`).
+    Crd {
+        #[arg(value_enum, default_value = "run")]
+        kind: CrdKind,
+    },
     #[command(flatten)]
     Client(cli::ClientCommand),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CrdKind {
+    /// NotebookRun (crds/notebookrun.yaml).
+    Run,
+    /// NotebookSchedule (crds/notebookschedule.yaml).
+    Schedule,
 }
 
 #[derive(Args)]
@@ -285,8 +296,11 @@ async fn main() -> anyhow::Result<()> {
     }
     telemetry::init(cli.log_format);
     match cli.command {
-        Command::Crd => {
-            print!("{}", notebook_operator::crd::crd_yaml());
+        Command::Crd { kind } => {
+            match kind {
+                CrdKind::Run => print!("{}", notebook_operator::crd::crd_yaml()),
+                CrdKind::Schedule => print!("{}", notebook_operator::schedule::crd::crd_yaml()),
+            }
             Ok(())
         }
         Command::Local(args) => run_local(args).await,
@@ -373,7 +387,8 @@ async fn run_api(args: KubeApiArgs, controller_settings: Option<ControllerSettin
     );
     let namespace = config.namespace.clone();
     let backend = KubeBackend::new(client.clone(), config, shutdown.wait());
-    let state = AppState { backend: Arc::new(backend), metrics: metrics.clone(), token };
+    let schedules = Some(api::Schedules::new(client.clone(), namespace.clone()));
+    let state = AppState { backend: Arc::new(backend), metrics: metrics.clone(), token, schedules };
     let api = api::serve(listener, state, shutdown.wait());
     // Open `follow` streams may last as long as a run: graceful shutdown waits for them a while only.
     let grace = shutdown.clone();
@@ -489,7 +504,7 @@ async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
     println!(
         "notebook-operator (local backend) listening on http://{addr}  —  API docs: http://{addr}/docs/"
     );
-    let state = AppState { backend: Arc::new(backend.clone()), metrics, token };
+    let state = AppState { backend: Arc::new(backend.clone()), metrics, token, schedules: None };
     // Stop the active run first: it also ends the log streams that graceful shutdown waits for.
     let shutdown = async move {
         telemetry::shutdown_signal().await;

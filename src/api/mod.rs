@@ -22,10 +22,12 @@ mod auth;
 mod error;
 mod ops;
 mod runs;
+mod schedules;
 mod seed;
 mod ui;
 
 pub use error::{ApiError, ErrorBody};
+pub use schedules::{ScheduleInfo, Schedules};
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LIMIT: usize = 1024 * 1024;
@@ -35,6 +37,8 @@ pub struct AppState {
     pub backend: Arc<dyn Backend>,
     pub metrics: Metrics,
     pub token: Option<Arc<str>>,
+    /// NotebookSchedules (kubernetes backend only; None answers 501).
+    pub schedules: Option<Schedules>,
 }
 
 #[derive(OpenApi)]
@@ -49,6 +53,7 @@ pub struct AppState {
     tags(
         (name = "seed", description = "Compatible with the original FastAPI + Celery notebook runner"),
         (name = "runs", description = "Runs as resources"),
+        (name = "schedules", description = "NotebookSchedules (kubernetes backend only)"),
         (name = "ops", description = "Health and metrics")
     )
 )]
@@ -67,6 +72,11 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::run_logs))
         .routes(routes!(runs::run_notebook))
         .routes(routes!(runs::cancel_run))
+        .routes(routes!(schedules::list_schedules))
+        .routes(routes!(schedules::get_schedule))
+        .routes(routes!(schedules::run_schedule))
+        .routes(routes!(schedules::suspend_schedule))
+        .routes(routes!(schedules::resume_schedule))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))

@@ -150,6 +150,8 @@ pub async fn run(
         leadership.clone(),
         shutdown.clone(),
     );
+    let schedules_loop =
+        crate::schedule::run(client.clone(), config.namespace.clone(), leadership.clone(), shutdown.clone());
     let ctx = Arc::new(Context {
         client: client.clone(),
         config: config.clone(),
@@ -191,7 +193,7 @@ pub async fn run(
         });
     // The other loops of the controller (schedules, notifications) join here, each with
     // `shutdown.clone()` and the same `leadership`.
-    tokio::join!(runs_loop, notify_loop);
+    tokio::join!(runs_loop, notify_loop, schedules_loop);
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>

@@ -141,6 +141,20 @@ seccompProfile:
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
+# Schedules: read them, record their status, create each tick's run (owned by the schedule:
+# finalizers/update lets the owner reference block the schedule's deletion).
+- apiGroups: ["notebooks.dev"]
+  resources: ["notebookschedules"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["notebooks.dev"]
+  resources: ["notebookschedules/status"]
+  verbs: ["patch"]
+- apiGroups: ["notebooks.dev"]
+  resources: ["notebookschedules/finalizers"]
+  verbs: ["update"]
+- apiGroups: ["notebooks.dev"]
+  resources: ["notebookruns"]
+  verbs: ["create"]
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
@@ -164,4 +178,11 @@ seccompProfile:
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get"]
+# Schedules: list and read them, suspend and resume (patch), run one now (a run it owns).
+- apiGroups: ["notebooks.dev"]
+  resources: ["notebookschedules"]
+  verbs: ["get", "list", "patch"]
+- apiGroups: ["notebooks.dev"]
+  resources: ["notebookschedules/finalizers"]
+  verbs: ["update"]
 {{- end }}
