@@ -21,6 +21,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, Pod, Secret};
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use kube::api::{Api, ListParams, PostParams};
+use notebook_operator::schedule::NotebookSchedule;
 use notebook_operator::{NotebookRun, Reason, RunPhase};
 use serde::Deserialize as _;
 use serde::de::DeserializeOwned;
@@ -89,17 +90,14 @@ fn stderr_of(out: &Output) -> String {
 fn install_crd(cp: &ControlPlane) {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let crd = format!("{REPO}/crds/notebookrun.yaml");
-        succeed(cp.kubectl().args(["apply", "--server-side", "-f", &crd]), None);
-        succeed(
-            cp.kubectl().args([
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/notebookruns.notebooks.dev",
-            ]),
-            None,
-        );
+        for (file, crd) in [
+            ("notebookrun.yaml", "crd/notebookruns.notebooks.dev"),
+            ("notebookschedule.yaml", "crd/notebookschedules.notebooks.dev"),
+        ] {
+            let path = format!("{REPO}/crds/{file}");
+            succeed(cp.kubectl().args(["apply", "--server-side", "-f", &path]), None);
+            succeed(cp.kubectl().args(["wait", "--for=condition=Established", "--timeout=60s", crd]), None);
+        }
     });
 }
 
@@ -250,6 +248,12 @@ fn chart_lints_and_tracks_the_repository() {
     assert!(
         chart_crd == crd,
         "charts/notebook-operator/crds/notebookrun.yaml drifted: cp crds/notebookrun.yaml charts/notebook-operator/crds/"
+    );
+    let chart_crd = fs::read_to_string(format!("{CHART}/crds/notebookschedule.yaml")).expect("chart CRD");
+    let crd = fs::read_to_string(format!("{REPO}/crds/notebookschedule.yaml")).expect("repository CRD");
+    assert!(
+        chart_crd == crd,
+        "charts/notebook-operator/crds/notebookschedule.yaml drifted: cp crds/notebookschedule.yaml charts/notebook-operator/crds/"
     );
     let chart_nb = fs::read_to_string(format!("{CHART}/files/hello.ipynb")).expect("chart notebook");
     let nb = fs::read_to_string(format!("{REPO}/notebooks/hello.ipynb")).expect("hello notebook");
@@ -402,11 +406,20 @@ async fn default_render_is_namespaced_and_locked_down() {
         grant("coordination.k8s.io", "leases", &["create", "delete"]),
         grant("batch", "jobs", &["create", "delete", "watch"]),
         grant("notebooks.dev", "notebookruns/status", &["patch"]),
+        grant("notebooks.dev", "notebookschedules", &["get", "list", "watch"]),
+        grant("notebooks.dev", "notebookschedules/status", &["patch"]),
+        grant("notebooks.dev", "notebookruns", &["create"]),
     ]
     .concat();
     for g in needed {
         assert!(controller_grants.contains(&g), "controller misses {g:?}");
     }
+    // The controller never edits a schedule's spec; the API suspends and resumes (patch) only.
+    let schedule_verbs = |grants: &BTreeSet<(String, String, String)>| -> Vec<String> {
+        grants.iter().filter(|(_, r, _)| r == "notebookschedules").map(|(_, _, v)| v.clone()).collect()
+    };
+    assert_eq!(schedule_verbs(&controller_grants), ["get", "list", "watch"]);
+    assert_eq!(schedule_verbs(&api_grants), ["get", "list", "patch"]);
 }
 
 /// The Secret the API's `--token-file` points into: (secret name, key).
@@ -679,6 +692,7 @@ async fn deploy_and_examples_pass_a_server_side_dry_run() {
     let applied = String::from_utf8_lossy(&out.stdout);
     for object in [
         "customresourcedefinition.apiextensions.k8s.io/notebookruns.notebooks.dev",
+        "customresourcedefinition.apiextensions.k8s.io/notebookschedules.notebooks.dev",
         "deployment.apps/notebook-operator-controller",
         "deployment.apps/notebook-operator-api",
     ] {
@@ -1202,6 +1216,31 @@ async fn the_charts_service_accounts_run_notebooks_and_nothing_more() {
         .unwrap();
     assert_eq!(killed["status"], "REVOKED", "{killed}");
 
+    // A schedule ticked by the controller as its own account (schedules watched, status patched,
+    // runs created and owned), listed, suspended and run now through the API as its own.
+    let schedule = json!({"apiVersion": "notebooks.dev/v1alpha1", "kind": "NotebookSchedule",
+        "metadata": {"name": "nightly"},
+        "spec": {"schedule": "*/2 * * * * *",
+                 "runTemplate": {"spec": {"notebook": {"inline": ipynb(&["print('tick')"])}}}}});
+    succeed(cp.kubectl().args(["apply", "-n", &ns, "-f", "-"]), Some(&schedule.to_string()));
+    let schedules: Api<NotebookSchedule> = ns.api();
+    let ticked = wait_for(RUN_TIMEOUT, "a tick's run in the schedule's status", || async {
+        controller.ensure_running();
+        schedules.get("nightly").await.ok()?.status?.last_run.map(|l| l.name)
+    })
+    .await;
+    let tick_run = wait_terminal(&runs, &ticked, &controller).await;
+    assert_eq!(phase_of(&tick_run), Some(RunPhase::Succeeded), "{:?}", tick_run.status);
+    let listed: Value = call(reqwest::Method::GET, "/schedules").send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed[0]["name"], "nightly", "{listed}");
+    let suspended = call(reqwest::Method::POST, "/schedules/nightly/suspend").send().await.unwrap();
+    assert_eq!(suspended.status(), 200, "suspend (notebookschedules patch)");
+    let ran = call(reqwest::Method::POST, "/schedules/nightly/run").send().await.unwrap();
+    assert_eq!(ran.status(), 201, "run now (notebookruns create, owned by the schedule)");
+    let ran: Value = ran.json().await.unwrap();
+    let manual = wait_terminal(&runs, ran["id"].as_str().expect("an id"), &controller).await;
+    assert_eq!(phase_of(&manual), Some(RunPhase::Succeeded), "{:?}", manual.status);
+
     // What the API may not do, done for real with its own credentials.
     let as_api = || {
         let mut cmd = cp.kubectl();
@@ -1224,6 +1263,10 @@ async fn the_charts_service_accounts_run_notebooks_and_nothing_more() {
         "the API reading a Secret",
     );
     assert_forbidden(output(as_api().args(["delete", "job", "--all"]), None), "the API deleting Jobs");
+    assert_forbidden(
+        output(as_api().args(["delete", "notebookschedule", "nightly"]), None),
+        "the API deleting a schedule",
+    );
 
     let as_controller = || {
         let mut cmd = cp.kubectl();
@@ -1239,6 +1282,15 @@ async fn the_charts_service_accounts_run_notebooks_and_nothing_more() {
         "the controller outside its namespace",
     );
     assert_forbidden(output(as_controller().args(["get", "nodes"]), None), "the controller reading nodes");
+    assert_forbidden(
+        output(
+            as_controller()
+                .args(["-n", &ns, "patch", "notebookschedule", "nightly", "--type=merge", "-p"])
+                .arg(r#"{"spec":{"suspend":false}}"#),
+            None,
+        ),
+        "the controller editing a schedule's spec",
+    );
 }
 
 // === the image ===
