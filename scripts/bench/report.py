@@ -69,11 +69,14 @@ def write(results, path):
     w("| | |")
     w("| --- | --- |")
     w(f"| date | {meta.get('date', '–')} |")
-    w(f"| commit | `{meta.get('commit', '–')}` |")
+    dirty = meta.get("dirty") or []
+    w(f"| commit | `{meta.get('commit', '–')}`"
+      + (f" plus uncommitted changes in the working tree to {len(dirty)} files ({', '.join(f'`{d}`' for d in dirty)}):"
+         " other helpers' work in progress, built as it stood" if dirty else "") + " |")
     w(f"| machine | {m.get('cpu', '–')}, {m.get('cores', '–')} cores, {m.get('memory_gib', '–')} GiB, "
       f"Linux {m.get('kernel', '–')}, Python {m.get('python', '–')} |")
     w(f"| build | `cargo build --{meta.get('profile', 'release')}` "
-      f"(`target/{meta.get('profile', 'release')}/notebook-operator`) |")
+      f"(`target/{meta.get('profile', 'release')}/notebook-operator`, built {meta.get('binary_built', '–')}) |")
     w(f"| command | `{meta.get('command', 'make bench')}` |")
     opts = meta.get("options", {})
     w(f"| options | {opts.get('runs')} finished runs at the top level, {opts.get('starts')} `/start` samples per "

@@ -215,6 +215,13 @@ def git_commit():
     return out.stdout.strip()[:120]
 
 
+def git_dirty():
+    """Source files that differ from the commit (the build is of the working tree)."""
+    out = subprocess.run(["git", "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"], cwd=REPO,
+                         capture_output=True, text=True)
+    return [line[3:] for line in out.stdout.splitlines()]
+
+
 def machine():
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
@@ -772,7 +779,9 @@ def main():
     binary = build(args)
     results["meta"] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(), "machine": machine(), "profile": args.profile,
+        "commit": git_commit(), "dirty": git_dirty(), "machine": machine(),
+        "binary_built": datetime.datetime.fromtimestamp(os.path.getmtime(binary), datetime.timezone.utc)
+        .strftime("%Y-%m-%d %H:%M UTC"), "profile": args.profile,
         "command": " ".join(["make bench" if env("MAKELEVEL") else "scripts/bench/run.py", *sys.argv[1:]]),
         "options": {"runs": args.runs, "starts": args.starts, "local_runs": args.local_runs,
                     "local_pause": args.local_pause, "queue": args.queue, "wrk_seconds": args.wrk_seconds},
