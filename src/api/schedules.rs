@@ -93,24 +93,31 @@ fn schedules(state: &AppState) -> Result<&Schedules, ApiError> {
     })
 }
 
+/// The API server's answer for a person: a refusal of the request itself (a validation
+/// message) is passed on; anything else says what failed, the detail goes to the log only (never
+/// the facade's identity or the API server's raw error).
 fn kube_error(name: &str, e: kube::Error) -> ApiError {
     match e {
         kube::Error::Api(ae) if ae.code == 404 => {
             ApiError::new(StatusCode::NOT_FOUND, format!("Schedule {name} not found."))
         }
-        kube::Error::Api(ae) if ae.code == 403 => {
-            tracing::error!(error = %ae.message, "schedules: forbidden");
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("the facade may not do this: {}", ae.message),
-            )
-        }
         kube::Error::Api(ae) if matches!(ae.code, 400 | 409 | 422) => {
             ApiError::new(StatusCode::from_u16(ae.code).unwrap_or(StatusCode::CONFLICT), ae.message)
         }
+        kube::Error::Api(ae) if ae.code == 503 || ae.code == 504 => {
+            tracing::error!(error = %ae.message, code = ae.code, "schedules: Kubernetes API");
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the Kubernetes API is unavailable")
+        }
+        kube::Error::Api(ae) => {
+            tracing::error!(error = %ae.message, code = ae.code, "schedules: Kubernetes API refused");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the Kubernetes API refused the request (see the facade's log)",
+            )
+        }
         e => {
             tracing::error!(error = %e, "schedules: Kubernetes API");
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("Kubernetes API: {e}"))
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the Kubernetes API is unavailable")
         }
     }
 }

@@ -208,6 +208,11 @@ mod tests {
             // 02:00 in Paris is 00:00 UTC in summer, 01:00 UTC in winter.
             ("0 2 * * *", Some("Europe/Paris"), "2026-07-01T12:00:00Z", "2026-07-02T00:00:00Z"),
             ("0 2 * * *", Some("Europe/Paris"), "2026-01-01T12:00:00Z", "2026-01-02T01:00:00Z"),
+            // Daylight saving: 02:30 does not exist on 29 March (runs right after the gap, 03:00
+            // CEST), and happens twice on 25 October (runs once, the first time).
+            ("30 2 * * *", Some("Europe/Paris"), "2026-03-28T12:00:00Z", "2026-03-29T01:00:00Z"),
+            ("30 2 * * *", Some("Europe/Paris"), "2026-10-25T00:00:00Z", "2026-10-25T00:30:00Z"),
+            ("30 2 * * *", Some("Europe/Paris"), "2026-10-25T00:30:00Z", "2026-10-26T01:30:00Z"),
         ];
         for (expr, tz, now, next) in cases {
             let cron = parse(expr, tz).unwrap();
