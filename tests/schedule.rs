@@ -168,6 +168,12 @@ async fn ticks_create_one_run_each_even_across_a_restart() {
         condition(&get_schedule(&env, "every3").await, "Ready").map(|c| c.status.as_str()),
         Some("True")
     );
+    let table =
+        ControlPlane::shared().kubectl().args(["get", "nbsched", "-n", env.ns.name()]).output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    for column in ["SCHEDULE", "SUSPEND", "LAST RESULT", "NEXT", "AGE", "*/3 * * * * *"] {
+        assert!(table.contains(column), "kubectl get nbsched shows {column}:\n{table}");
+    }
 
     // The controller dies between ticks and stays down over two ticks: on restart, one run for
     // the most recent missed tick (a catch-up, as CronJob), no run twice.

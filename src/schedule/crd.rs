@@ -232,6 +232,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.lock("nightly"), "notebook-run");
+        let t: RunTemplate =
+            serde_json::from_value(json!({"spec": {"notebook": {"path": "a.ipynb"}}})).unwrap();
+        assert_eq!(t.lock("team.nightly"), "team-nightly", "a lock is a DNS-1123 label");
     }
 
     #[test]

@@ -82,8 +82,13 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
-            if let Err(e) = res {
-                debug!(error = %e, "schedule reconcile failed");
+            match res {
+                // Retried with backoff; said loudly, as it stops every schedule.
+                Err(kube::runtime::controller::Error::QueueError(e)) => {
+                    warn!(error = %e, "watching NotebookSchedules failed (is crds/notebookschedule.yaml installed?); retrying");
+                }
+                Err(e) => debug!(error = %e, "schedule reconcile failed"),
+                Ok(_) => {}
             }
         })
         .await;
