@@ -189,7 +189,11 @@ pub async fn run_schedule(
     // Two manual runs in one second: the second gets a numbered name.
     for attempt in 0..5u32 {
         let run_name = if attempt == 0 { base.clone() } else { format!("{base}-{attempt}") };
-        let run_name = if run_name.len() > 63 { format!("{}-{attempt}", &base[..58]) } else { run_name };
+        let run_name = if run_name.len() > 63 {
+            format!("{}-{attempt}", base[..58].trim_end_matches(['-', '.']))
+        } else {
+            run_name
+        };
         let run = schedule::build_run(&schedule, &run_name, None)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         match runs.create(&PostParams::default(), &run).await {
