@@ -217,7 +217,14 @@ impl Reconciler<'_> {
     /// One pass: validate, create the due tick's run, prune history, record the status.
     async fn reconcile(&self) -> Result<Action, Error> {
         let spec = &self.schedule.spec;
-        let stored = self.schedule.status.clone().unwrap_or_default();
+        // The stored status, not the cache's (which may lag behind our own last write): the last
+        // tick and the Events already sent are decided from it.
+        let api: Api<NotebookSchedule> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        let stored = match api.get_status(&self.name()).await {
+            Ok(fresh) => fresh.status.unwrap_or_default(),
+            Err(kube::Error::Api(ae)) if ae.code == 404 => return Ok(Action::await_change()),
+            Err(e) => return Err(e.into()),
+        };
         let mut status = stored.clone();
         status.observed_generation = self.schedule.metadata.generation;
         let now = Timestamp::now();

@@ -148,7 +148,7 @@ seccompProfile:
   verbs: ["get", "list", "watch"]
 - apiGroups: ["notebooks.dev"]
   resources: ["notebookschedules/status"]
-  verbs: ["patch"]
+  verbs: ["get", "patch"]
 - apiGroups: ["notebooks.dev"]
   resources: ["notebookschedules/finalizers"]
   verbs: ["update"]
