@@ -131,6 +131,11 @@ pub struct NotebookSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1_000_000))]
     pub inline: Option<String>,
+    /// In the controller's cache only (never serialized): the SHA-256 of an inline notebook
+    /// whose text was dropped from the cached copy; admission reads the text from the API.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub inline_sha256: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

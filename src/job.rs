@@ -23,6 +23,10 @@ pub const MANAGED_BY: &str = "notebook-operator";
 pub const RUN_LABEL: &str = "notebooks.dev/run";
 pub const CONTAINER: &str = "runner";
 pub const INPUTS_DIR: &str = "/run/notebook-operator/inputs";
+/// The runner script, from the namespace's shared runner ConfigMap (`runner_config_map`).
+pub const RUNNER_DIR: &str = "/run/notebook-operator/runner";
+/// `app.kubernetes.io/component` of the shared runner ConfigMaps.
+pub const RUNNER_COMPONENT: &str = "runner";
 pub const WORK_DIR: &str = "/run/notebook-operator/work";
 /// HOME and TMPDIR of the runner and its kernel: on the pod's own emptyDirs, so that they are
 /// writable whatever the image (a read-only root filesystem, a HOME owned by another user).
@@ -154,10 +158,45 @@ fn owned_meta(run: &NotebookRun, name: String) -> ObjectMeta {
     }
 }
 
-/// The run's frozen inputs: the runner, the parameters and (for inline and configMap sources)
-/// the notebook itself, so the run stays reproducible whatever happens to its source.
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The shared runner ConfigMap's name: named by its content, so each version of the runner has
+/// its own and runs of different versions never see each other's script.
+pub fn runner_name() -> &'static str {
+    static NAME: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!("notebook-runner-{}", &sha256_hex(crate::runner::RUN_PY.as_bytes())[..10])
+    });
+    NAME.as_str()
+}
+
+/// The runner script, stored once per namespace and version and shared by the runs (no owner:
+/// it outlives each of them; a later version creates its own beside it).
+pub fn runner_config_map(namespace: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(runner_name().to_string()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(BTreeMap::from([
+                ("app.kubernetes.io/managed-by".to_string(), MANAGED_BY.to_string()),
+                ("app.kubernetes.io/component".to_string(), RUNNER_COMPONENT.to_string()),
+                ("app.kubernetes.io/version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            ])),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(RUNNER_KEY.to_string(), crate::runner::RUN_PY.to_string())])),
+        immutable: Some(true),
+        ..Default::default()
+    }
+}
+
+/// The run's frozen inputs: the parameters and (for inline and configMap sources) the notebook
+/// itself, so the run stays reproducible whatever happens to its source. The runner script is
+/// not among them: it is in the shared runner ConfigMap.
 pub fn inputs_config_map(run: &NotebookRun, notebook: Option<&str>) -> ConfigMap {
-    let mut data = BTreeMap::from([(RUNNER_KEY.to_string(), crate::runner::RUN_PY.to_string())]);
+    let mut data = BTreeMap::new();
     if let Some(nb) = notebook {
         data.insert(NOTEBOOK_KEY.to_string(), nb.to_string());
     }
@@ -192,7 +231,7 @@ pub fn build(run: &NotebookRun, config: &JobConfig) -> Job {
     // children are reaped and signals are forwarded; the interpreter comes first in `args`.
     let mut args = vec![
         config.python.clone(),
-        format!("{INPUTS_DIR}/{RUNNER_KEY}"),
+        format!("{RUNNER_DIR}/{RUNNER_KEY}"),
         "--notebook".into(),
         notebook_path,
         "--output".into(),
@@ -223,7 +262,7 @@ pub fn build(run: &NotebookRun, config: &JobConfig) -> Job {
     let mount = |name: &str, path: &str| VolumeMount {
         name: name.into(),
         mount_path: path.into(),
-        read_only: (name == "inputs").then_some(true),
+        read_only: (name == "inputs" || name == "runner").then_some(true),
         ..Default::default()
     };
     let container = Container {
@@ -236,6 +275,7 @@ pub fn build(run: &NotebookRun, config: &JobConfig) -> Job {
         resources: spec.resources.clone().or_else(|| config.default_resources.clone()),
         volume_mounts: Some(vec![
             mount("inputs", INPUTS_DIR),
+            mount("runner", RUNNER_DIR),
             mount("work", WORK_DIR),
             mount("home", HOME_DIR),
             mount("tmp", TMP_DIR),
@@ -276,6 +316,11 @@ pub fn build(run: &NotebookRun, config: &JobConfig) -> Job {
             Volume {
                 name: "inputs".into(),
                 config_map: Some(ConfigMapVolumeSource { name: inputs_name(run), ..Default::default() }),
+                ..Default::default()
+            },
+            Volume {
+                name: "runner".into(),
+                config_map: Some(ConfigMapVolumeSource { name: runner_name().into(), ..Default::default() }),
                 ..Default::default()
             },
             empty_dir("work"),
@@ -396,7 +441,7 @@ mod tests {
         assert_eq!(c.command, None, "the image's entrypoint (tini) must run: it reaps the kernel's orphans");
         assert_eq!(
             c.args.as_ref().unwrap()[..2],
-            ["python3".to_string(), format!("{INPUTS_DIR}/{RUNNER_KEY}")]
+            ["python3".to_string(), format!("{RUNNER_DIR}/{RUNNER_KEY}")]
         );
         assert_eq!(env_of(c, "HOME").as_deref(), Some(HOME_DIR));
         assert_eq!(env_of(c, "TMPDIR").as_deref(), Some(TMP_DIR));
@@ -498,7 +543,30 @@ mod tests {
         let data = cm.data.unwrap();
         assert_eq!(data[NOTEBOOK_KEY], "{\"cells\":[]}");
         assert_eq!(data[PARAMETERS_KEY], "{\"n\":3}");
-        assert!(data[RUNNER_KEY].contains("nbclient"));
+        assert!(!data.contains_key(RUNNER_KEY), "the runner is shared, not copied into each run");
         assert_eq!(cm.immutable, Some(true));
+    }
+
+    #[test]
+    fn the_runner_is_one_shared_config_map_per_version_mounted_read_only() {
+        let cm = runner_config_map("ns");
+        let name = runner_name();
+        assert_eq!(cm.metadata.name.as_deref(), Some(name));
+        let hash = name.strip_prefix("notebook-runner-").unwrap();
+        assert_eq!(hash.len(), 10);
+        assert!(sha256_hex(crate::runner::RUN_PY.as_bytes()).starts_with(hash));
+        assert_eq!(cm.metadata.owner_references, None, "shared by runs: owned by none");
+        let labels = cm.metadata.labels.unwrap();
+        assert_eq!(labels["app.kubernetes.io/managed-by"], MANAGED_BY);
+        assert_eq!(labels["app.kubernetes.io/component"], RUNNER_COMPONENT);
+        assert_eq!(cm.data.unwrap()[RUNNER_KEY], crate::runner::RUN_PY);
+        assert_eq!(cm.immutable, Some(true));
+        let job = build(&run("x"), &JobConfig::new("img", "python3"));
+        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == "runner").unwrap();
+        assert_eq!(volume.config_map.as_ref().unwrap().name, name);
+        let m = container(&job).volume_mounts.iter().flatten().find(|m| m.name == "runner").unwrap();
+        assert_eq!((m.mount_path.as_str(), m.read_only), (RUNNER_DIR, Some(true)));
+        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

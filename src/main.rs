@@ -96,6 +96,16 @@ struct ControllerSettings {
     /// How long one webhook attempt may take, answer included.
     #[arg(long, env = "NOTEBOOK_OPERATOR_NOTIFY_ATTEMPT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     notify_attempt_timeout: std::time::Duration,
+    /// Finished runs kept per lock (namespace and spec.lock); older ones are deleted with their
+    /// Job, pods and ConfigMaps. `0` keeps none, `unlimited` prunes nothing. Runs with
+    /// ttlSecondsAfterFinished, and runs of a NotebookSchedule, are left to those.
+    #[arg(
+        long,
+        env = "NOTEBOOK_OPERATOR_HISTORY_LIMIT",
+        default_value = "100",
+        value_parser = controller::prune::parse_history_limit
+    )]
+    history_limit: controller::prune::HistoryLimit,
 }
 
 impl ControllerSettings {
@@ -114,6 +124,7 @@ impl ControllerSettings {
                 retry_for: self.notify_retry_for,
                 attempt_timeout: self.notify_attempt_timeout,
             },
+            history_limit: self.history_limit,
         }
     }
 }

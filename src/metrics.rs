@@ -66,6 +66,7 @@ pub struct Metrics {
     http_requests: Family<RequestLabels, Counter>,
     api_starts: Family<OutcomeLabel, Counter>,
     notifications: Family<OutcomeLabel, Counter>,
+    runs_pruned: Counter,
 }
 
 impl Default for Metrics {
@@ -101,7 +102,13 @@ impl Metrics {
         let http_requests = Family::<RequestLabels, Counter>::default();
         let api_starts = Family::<OutcomeLabel, Counter>::default();
         let notifications = Family::<OutcomeLabel, Counter>::default();
+        let runs_pruned = Counter::default();
         if runs {
+            registry.register(
+                "runs_pruned",
+                "Finished runs deleted by the history limit (--history-limit)",
+                runs_pruned.clone(),
+            );
             registry.register("runs_started", "Runs that started executing", runs_started.clone());
             registry.register("runs_finished", "Runs that finished, by reason", runs_finished.clone());
             registry.register(
@@ -141,6 +148,7 @@ impl Metrics {
             http_requests,
             api_starts,
             notifications,
+            runs_pruned,
         }
     }
 
@@ -182,6 +190,10 @@ impl Metrics {
     /// Sets the running gauge from an authoritative count (the controller's cache).
     pub fn set_running(&self, n: i64) {
         self.runs_running.set(n);
+    }
+
+    pub fn run_pruned(&self) {
+        self.runs_pruned.inc();
     }
 
     pub fn set_leader(&self, leading: bool) {

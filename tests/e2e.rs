@@ -217,12 +217,13 @@ async fn a_run_that_cannot_get_a_pod_or_fit_its_inputs_fails_and_frees_the_lock(
     );
     assert!(run.status.unwrap().message.unwrap().contains("no pod was created"));
     env.wait_lock_free("notebook-run").await;
-    // An inline notebook the API server accepts, but too large to freeze with the runner.
+    // An inline notebook and parameters the API server accepts, but together too large to
+    // freeze into one ConfigMap.
     let big = format!(
         "{{\"cells\": [], \"metadata\": {{\"pad\": \"{}\"}}, \"nbformat\": 4, \"nbformat_minor\": 5}}",
         "x".repeat(990_000)
     );
-    let mut huge = run_of("huge", &[], json!({}));
+    let mut huge = run_of("huge", &[], json!({"parameters": {"pad": "y".repeat(20_000)}}));
     huge.spec.notebook.inline = Some(big);
     env.create(&huge).await;
     let run = env.wait_terminal("huge").await;

@@ -61,8 +61,13 @@ impl Reconciler<'_> {
         }
         let leases: Api<Lease> = self.api();
         let lease = leases.get_opt(&self.run.spec.lock).await?;
-        let runs = self.same_namespace_runs();
-        match lock::decide(self.run, lease.as_ref(), runs.iter()) {
+        // The cached runs by reference: nothing is cloned but the store's list of pointers.
+        let cached = self.ctx.runs.state();
+        let runs = cached
+            .iter()
+            .filter_map(|g| g.0.as_ref().ok())
+            .filter(|r| r.metadata.namespace.as_deref() == Some(self.ns.as_str()));
+        match lock::decide(self.run, lease.as_ref(), runs) {
             Decision::Owned => {
                 if !self.add_finalizer().await? {
                     return Ok(Action::requeue(Duration::from_millis(100)));
@@ -99,16 +104,6 @@ impl Reconciler<'_> {
             Decision::Behind { ahead } => self.wait_for(&ahead, Blocker::Ahead).await,
             Decision::Foreign { holder } => self.wait_for(&holder, Blocker::Foreign).await,
         }
-    }
-
-    fn same_namespace_runs(&self) -> Vec<NotebookRun> {
-        self.ctx
-            .runs
-            .state()
-            .into_iter()
-            .filter_map(|g| g.0.as_ref().ok().cloned())
-            .filter(|r| r.namespace().as_deref() == Some(self.ns.as_str()))
-            .collect()
     }
 
     /// Adds the lock finalizer; `Ok(false)` when the cached run was stale (try again next pass).
@@ -189,6 +184,9 @@ impl Reconciler<'_> {
         if let Err(message) = validate_inputs(&inputs) {
             return self.fail_now(Reason::InvalidNotebook, message).await;
         }
+        if let Err(message) = self.ensure_runner().await? {
+            return self.fail_now(Reason::PodFailed, message).await;
+        }
         match self.create_child(&inputs).await? {
             Created::Ready => crate::failpoint::crash_after("after-inputs"),
             Created::Wait => return Ok(Action::requeue(Duration::from_secs(1))),
@@ -222,6 +220,39 @@ impl Reconciler<'_> {
         })
         .await?;
         Ok(Action::requeue(self.ctx.config.progress_interval))
+    }
+
+    /// The namespace's shared runner ConfigMap exists: created by the first run of this version
+    /// in the namespace (a 409 is another pass or replica that did it first). Once seen, later
+    /// runs check it with a metadata-only GET, so one deleted by hand comes back at the next run.
+    /// `Ok(Err(why))`: refused for good (quota, admission) or taken by a foreign object.
+    async fn ensure_runner(&self) -> Result<std::result::Result<(), String>> {
+        let cms: Api<ConfigMap> = self.api();
+        let name = job::runner_name();
+        let seen = super::locked(&self.ctx.runners).contains(&self.ns);
+        if seen && cms.get_metadata_opt(name).await?.is_some() {
+            return Ok(Ok(()));
+        }
+        match cms.create(&PostParams::default(), &job::runner_config_map(&self.ns)).await {
+            Ok(_) => info!(config_map = name, "shared runner created"),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                // Named by its content: one with other content is not ours, and never overwritten.
+                let existing = cms.get_opt(name).await?;
+                let script = existing.as_ref().and_then(|c| c.data.as_ref()?.get(job::RUNNER_KEY));
+                if existing.is_some() && script.map(String::as_str) != Some(crate::runner::RUN_PY) {
+                    return Ok(Err(format!(
+                        "ConfigMap {name} exists but does not hold this version's runner; delete it so \
+                         the operator can create it again"
+                    )));
+                }
+            }
+            Err(kube::Error::Api(e)) if is_permanent(e.code) => {
+                return Ok(Err(format!("the runner ConfigMap {name} was refused: {}", e.message)));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        super::locked(&self.ctx.runners).insert(self.ns.clone());
+        Ok(Ok(()))
     }
 
     /// Creates a child of the run, or finds the one an earlier pass created; never adopts or
@@ -273,6 +304,17 @@ impl Reconciler<'_> {
         let source = &self.run.spec.notebook;
         let text = if let Some(inline) = &source.inline {
             inline.clone()
+        } else if source.inline_sha256.is_some() {
+            // The cache keeps the hash of an inline notebook, not its text (cache.rs).
+            let runs: Api<NotebookRun> = self.api();
+            let stored = runs.get(&self.name()).await?;
+            if stored.uid() != self.run.uid() {
+                return Err(super::Error::Invalid(format!(
+                    "NotebookRun {} was replaced while it was admitted",
+                    self.name()
+                )));
+            }
+            stored.spec.notebook.inline.unwrap_or_default()
         } else if let Some(cm_ref) = &source.config_map {
             let cms: Api<ConfigMap> = self.api();
             let Some(cm) = cms.get_opt(&cm_ref.name).await? else {
@@ -306,7 +348,7 @@ fn validate_inputs(inputs: &ConfigMap) -> std::result::Result<(), String> {
     let size: usize = inputs.data.iter().flatten().map(|(k, v)| k.len() + v.len()).sum();
     if size > MAX_INPUTS_BYTES {
         return Err(format!(
-            "the run's inputs (notebook, parameters, runner) take {size} bytes; at most {MAX_INPUTS_BYTES} fit a ConfigMap"
+            "the run's inputs (notebook, parameters) take {size} bytes; at most {MAX_INPUTS_BYTES} fit a ConfigMap"
         ));
     }
     Ok(())

@@ -11,7 +11,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::logs::{self, Followed};
-use super::{FIELD_MANAGER, Reconciler, Result, background, ignore_not_found, owned_by};
+use super::{FIELD_MANAGER, LOCK_FINALIZER, Reconciler, Result, background, ignore_not_found, owned_by};
 use crate::crd::{NotebookRun, OutputRef, Progress, Reason, RunPhase};
 use crate::job;
 use crate::progress;
@@ -144,11 +144,19 @@ impl Reconciler<'_> {
     /// Also called right after the terminal transition, so the lock never waits for the cache.
     pub(super) async fn finished(&self) -> Result<Action> {
         crate::failpoint::crash_after("before-release");
-        self.release_lock().await?;
+        // Cached as finished and without the lock finalizer: the finalizer went only after the
+        // lock did (or was never added: the run never held it), and the cache shows writes in
+        // order. Nothing to ask the API server: a restart with many finished runs reads nothing.
+        let settled = self.run.is_finished() && !self.run.finalizers().iter().any(|f| f == LOCK_FINALIZER);
+        if !settled {
+            self.release_lock().await?;
+        }
         let dropped = self.remove_finalizer().await?;
         if dropped != Action::await_change() {
             return Ok(dropped);
         }
+        // Retention looks at this run's lock (many wakes make one pass, at most once a second).
+        self.ctx.pruner.wake();
         let status = self.status();
         if let (Some(ttl), Some(done)) = (self.run.spec.ttl_seconds_after_finished, status.completion_time) {
             let due = done.0 + jiff::SignedDuration::from_secs(i64::from(ttl));

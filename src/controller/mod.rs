@@ -6,13 +6,15 @@
 //! `record` (status writes and Events).
 
 mod admit;
+mod cache;
 mod finish;
 mod logs;
+pub mod prune;
 mod record;
 mod running;
 mod stop;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -24,10 +26,11 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, PropagationPolicy};
 use kube::core::DeserializeGuard;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -41,6 +44,11 @@ pub const FIELD_MANAGER: &str = "notebook-operator";
 /// cannot free the lock while one of its pods still executes.
 pub const LOCK_FINALIZER: &str = "notebooks.dev/lock";
 const REPLACED_BY: &str = "notebooks.dev/replaced-by";
+/// Runs per page of the run cache's initial list (kube's default is 500): inline notebooks
+/// (up to 1 MB each) are dropped page by page, so the decoding peak stays bounded.
+const LIST_PAGE_SIZE: u32 = 100;
+/// Reconciles at once (kube-runtime's default is unbounded).
+const RECONCILE_CONCURRENCY: u16 = 32;
 
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
@@ -53,6 +61,8 @@ pub struct ControllerConfig {
     pub cancel_grace: Duration,
     /// Webhooks when runs end (`spec.notify`).
     pub notify: crate::notify::NotifyConfig,
+    /// Finished runs kept per lock (`--history-limit`).
+    pub history_limit: prune::HistoryLimit,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +104,10 @@ pub struct Context {
     /// Since when a run that had a pod has had none (by run uid): the start window of a retried
     /// pod. Lost on restart, which only lengthens the window.
     no_pod_since: Mutex<HashMap<String, jiff::Timestamp>>,
+    /// Wakes the retention loop when a run finishes.
+    pruner: prune::Pruner,
+    /// Namespaces where this process created or found the shared runner ConfigMap.
+    runners: Mutex<HashSet<String>>,
 }
 
 /// Readiness of the controller: true once the run cache has synced.
@@ -128,16 +142,28 @@ pub async fn run(
     let shutdown = shutdown.boxed().shared();
     let runs: Api<DeserializeGuard<NotebookRun>> = scoped(&client, config.namespace.as_deref());
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=notebook-operator");
-    let controller = Controller::new(runs, watcher::Config::default());
-    let store = controller.store();
+    // The cache keeps slimmed runs (cache.rs): no managed fields, no inline notebooks.
+    let (store, writer) = reflector::store();
+    // Synced when the first list is in: readiness and retention learn it from the stream, not
+    // from a second waiter on the store (kube-runtime's store wakes one waiter only, the
+    // Controller's own, so `/readyz` never turned 200).
+    let (synced_tx, synced) = tokio::sync::watch::channel(false);
+    let run_events = watcher(runs, watcher::Config::default().page_size(LIST_PAGE_SIZE))
+        .default_backoff()
+        .modify(cache::slim_guard)
+        .reflect(writer)
+        .inspect(move |event| {
+            if matches!(event, Ok(watcher::Event::InitDone)) && !readiness.is_ready() {
+                readiness.set_ready();
+                synced_tx.send_replace(true);
+                info!("run cache synced: ready");
+            }
+        })
+        .applied_objects();
+    // Bounded: a restart over thousands of finished runs does not reconcile them all at once.
+    let controller = Controller::for_stream(run_events, store.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
     let lease_store = store.clone();
-    let ready_store = store.clone();
-    tokio::spawn(async move {
-        if ready_store.wait_until_ready().await.is_ok() {
-            readiness.0.store(true, Ordering::Relaxed);
-            info!("run cache synced: ready");
-        }
-    });
     let recorder = Recorder::new(
         client.clone(),
         Reporter { controller: "notebook-operator".into(), instance: std::env::var("POD_NAME").ok() },
@@ -162,28 +188,42 @@ pub async fn run(
         failures: Default::default(),
         followers: Default::default(),
         no_pod_since: Default::default(),
+        pruner: prune::Pruner::default(),
+        runners: Default::default(),
     });
+    let prune_loop = prune::run(ctx.clone(), synced, shutdown.clone());
     let runs_loop = controller
         .owns(scoped::<Job>(&client, config.namespace.as_deref()), managed.clone())
         // Pods wake their run: a pod that stopped lets a stopping run release the lock.
-        .watches(scoped::<Pod>(&client, config.namespace.as_deref()), managed.clone(), |pod| {
-            let run = pod.labels().get(job::RUN_LABEL).cloned();
-            run.map(|r| ObjectRef::new(&r).within(&pod.namespace().unwrap_or_default()))
-        })
+        // Children are watched for their metadata only: they wake runs, nothing caches them.
+        .watches_stream(
+            watcher(scoped::<PartialObjectMeta<Pod>>(&client, config.namespace.as_deref()), managed.clone())
+                .touched_objects(),
+            |pod| {
+                let run = pod.labels().get(job::RUN_LABEL).cloned();
+                run.map(|r| ObjectRef::new(&r).within(&pod.namespace().unwrap_or_default()))
+            },
+        )
         // A released (deleted) Lease wakes the runs waiting for it at once (a foreign Lease is
         // not watched: node heartbeats would wake the scan below every few seconds; those runs poll).
-        .watches(scoped::<Lease>(&client, config.namespace.as_deref()), managed, move |lease| {
-            let ns = lease.namespace();
-            let lock = lease.name_any();
-            lease_store
-                .state()
-                .into_iter()
-                .filter_map(|g| g.0.as_ref().ok().cloned())
-                .filter(|r| r.namespace() == ns && r.spec.lock == lock)
-                .filter(|r| !r.is_finished())
-                .map(|r| ObjectRef::from_obj(&DeserializeGuard(Ok(r))))
-                .collect::<Vec<_>>()
-        })
+        // Only the keys of the waiting runs are copied, never the runs.
+        .watches_stream(
+            watcher(scoped::<PartialObjectMeta<Lease>>(&client, config.namespace.as_deref()), managed)
+                .touched_objects(),
+            move |lease| {
+                let (ns, lock) = (lease.namespace(), lease.name_any());
+                lease_store
+                    .state()
+                    .iter()
+                    .filter(|g| {
+                        g.0.as_ref().is_ok_and(|r| {
+                            r.spec.lock == lock && !r.is_finished() && r.metadata.namespace == ns
+                        })
+                    })
+                    .map(|g| ObjectRef::from_obj(g.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -193,7 +233,7 @@ pub async fn run(
         });
     // The other loops of the controller (schedules, notifications) join here, each with
     // `shutdown.clone()` and the same `leadership`.
-    tokio::join!(runs_loop, notify_loop, schedules_loop);
+    tokio::join!(runs_loop, notify_loop, prune_loop, schedules_loop);
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -266,14 +306,8 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<NotebookRun>>, ctx: Arc<Conte
     .instrument(span)
     .await?;
     locked(&ctx.failures).remove(&ObjectRef::from_obj(guard.as_ref()));
-    // The gauge counts what the cluster holds, so it survives controller restarts.
-    let running = ctx
-        .runs
-        .state()
-        .iter()
-        .filter(|g| g.0.as_ref().is_ok_and(|r| r.phase() == Some(RunPhase::Running)))
-        .count();
-    ctx.metrics.set_running(i64::try_from(running).unwrap_or(i64::MAX));
+    // The running gauge moves with each transition (record.rs) and is recounted from the cache
+    // by the retention loop (prune.rs), not here: no reconcile scans the cache.
     Ok(action)
 }
 
