@@ -472,3 +472,54 @@ async fn invalid_cron_or_time_zone_is_a_clear_condition_and_bad_specs_are_refuse
 async fn api_create(env: &RunEnv, s: &NotebookSchedule) -> kube::Result<NotebookSchedule> {
     env.ns.api::<NotebookSchedule>().create(&PostParams::default(), s).await
 }
+
+#[tokio::test]
+async fn two_controllers_at_once_make_one_run_per_tick() {
+    let env = env("sched-two").await;
+    // A second controller on the same namespace, without an election: both tick every schedule.
+    let second = support::operator::Operator::start(ControlPlane::shared(), env.ns.name());
+    let s = create(
+        &env,
+        &schedule_of(
+            "twice",
+            "*/2 * * * * *",
+            &["print('once')"],
+            json!({"successfulRunsHistoryLimit": 100, "failedRunsHistoryLimit": 100}),
+        ),
+    )
+    .await;
+    let runs = wait_runs(&env, "twice", 4).await;
+    assert_tick_runs(&s, &runs, 2);
+    // Each run was created by one controller; the other met AlreadyExists and took it as done.
+    let logs = strip_ansi(&format!("{}\n{}", env.op.log_text(), second.log_text()));
+    for run in &runs {
+        let created = logs
+            .lines()
+            .filter(|l| l.contains("tick: run created") && l.contains(&format!("run={}", run.name_any())))
+            .count();
+        assert_eq!(created, 1, "{} created {created} times", run.name_any());
+    }
+    assert!(logs.contains("tick already done"), "both controllers ticked: the AlreadyExists path ran");
+    for reason in ["NameConflict", "FailedCreate"] {
+        assert!(events_of(&env, "twice", reason).await.is_empty(), "a {reason} Event");
+    }
+}
+
+/// The log without its colours.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // An escape runs to its final letter (`m` for colours).
+            for e in chars.by_ref() {
+                if e.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
