@@ -28,14 +28,17 @@ pub fn install_crd(cp: &ControlPlane) {
     ONCE.call_once(|| apply_crd(cp));
 }
 
-/// Applies the CRD and waits until it is established (a control plane of a test's own).
+/// Applies the CRDs (NotebookRun, NotebookSchedule) and waits until they are established (a
+/// control plane of a test's own).
 pub fn apply_crd(cp: &ControlPlane) {
-    let crd = format!("{REPO}/crds/notebookrun.yaml");
-    let out = cp.kubectl().args(["apply", "--server-side", "-f", &crd]).output().expect("kubectl apply");
+    let crds = format!("{REPO}/crds/");
+    let out = cp.kubectl().args(["apply", "--server-side", "-f", &crds]).output().expect("kubectl apply");
     assert!(out.status.success(), "CRD apply: {}", String::from_utf8_lossy(&out.stderr));
+    let established = ["crd/notebookruns.notebooks.dev", "crd/notebookschedules.notebooks.dev"];
     let out = cp
         .kubectl()
-        .args(["wait", "--for=condition=Established", "--timeout=60s", "crd/notebookruns.notebooks.dev"])
+        .args(["wait", "--for=condition=Established", "--timeout=60s"])
+        .args(established)
         .output()
         .expect("kubectl wait");
     assert!(out.status.success(), "CRD established: {}", String::from_utf8_lossy(&out.stderr));
