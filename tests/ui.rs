@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::PostParams;
+use notebook_operator::schedule::NotebookSchedule;
 use serde_json::json;
 
 use support::operator::{Operator, install_crd};
@@ -213,4 +214,83 @@ async fn kube_a_failure_shows_its_traceback_and_a_run_is_killed_from_the_page() 
     let sleepy = kube_facade(cp, &ns_sleep, "nb", ipynb(&SLEEPY)).await;
     let b = Browser::start(1200, 800).await;
     failure_and_kill(&b, &failing.url, &sleepy.url, "kube").await;
+}
+
+/// The schedules of the namespace on the list page: listed with their state and next tick,
+/// suspended and resumed from the page (the schedule's spec follows), and run now (the page
+/// moves to the new run, which succeeds).
+#[tokio::test]
+async fn kube_schedules_are_suspended_resumed_and_run_from_the_page() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.namespace("ui-sched").await;
+    let _op = Operator::start(cp, &ns);
+    let s = kube_facade(cp, &ns, "nb", tagged_hello()).await;
+    let schedules = kube::Api::<NotebookSchedule>::namespaced(cp.client(), &ns);
+    let yearly: NotebookSchedule = from_json(json!({
+        "apiVersion": "notebooks.dev/v1alpha1", "kind": "NotebookSchedule",
+        "metadata": {"name": "yearly"},
+        "spec": {"schedule": "0 0 1 1 *", "runTemplate": {"spec": {"notebook": {"inline": ipynb(&["print('scheduled hello')"])}}}},
+    }));
+    schedules.create(&PostParams::default(), &yearly).await.unwrap();
+    let b = Browser::start(1200, 800).await;
+    open_with_token(&b, &s.url).await;
+
+    let row = "#schedules tr[data-schedule='yearly']";
+    let state = "const r = document.querySelector(arguments[0]); \
+                 return r && r.querySelector('.badge').textContent === arguments[1] && r.cells[4].textContent === arguments[2];";
+    // Active, with the next tick the controller computed (the page shows it only once known).
+    b.wait(
+        "the schedule listed, active, with its next tick",
+        LIMIT,
+        "const r = document.querySelector(arguments[0]); \
+         return r && r.querySelector('.badge').textContent === 'Active' && r.cells[4].textContent !== '';",
+        json!([row]),
+    )
+    .await;
+    b.screenshot("kube-schedules").await;
+    for (button, suspended, badge) in
+        [("Suspend yearly", true, "Suspended"), ("Resume yearly", false, "Active")]
+    {
+        b.click(&format!("{row} button[aria-label='{button}']")).await;
+        let deadline = std::time::Instant::now() + LIMIT;
+        while schedules.get("yearly").await.unwrap().spec.suspend != suspended {
+            assert!(std::time::Instant::now() < deadline, "{button}: spec.suspend never became {suspended}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if suspended {
+            b.wait(&format!("the row {badge}"), LIMIT, state, json!([row, badge, ""])).await;
+        } else {
+            b.wait(
+                &format!("the row {badge}"),
+                LIMIT,
+                "const r = document.querySelector(arguments[0]); \
+                 return r && r.querySelector('.badge').textContent === arguments[1];",
+                json!([row, badge]),
+            )
+            .await;
+        }
+    }
+    b.click(&format!("{row} button[aria-label='Run yearly now']")).await;
+    let hash = b
+        .wait(
+            "the new run's page",
+            LIMIT,
+            "return location.hash.startsWith('#/runs/yearly-') && location.hash;",
+            json!([]),
+        )
+        .await;
+    wait_phase(&b, "Succeeded").await;
+    b.wait(
+        "the scheduled notebook's log",
+        LIMIT,
+        "return document.getElementById('run-log').textContent.includes('scheduled hello');",
+        json!([]),
+    )
+    .await;
+    let name = hash.as_str().unwrap().trim_start_matches("#/runs/").to_string();
+    let run =
+        kube::Api::<notebook_operator::NotebookRun>::namespaced(cp.client(), &ns).get(&name).await.unwrap();
+    let owner = run.metadata.owner_references.unwrap_or_default();
+    assert!(owner.iter().any(|o| o.kind == "NotebookSchedule" && o.name == "yearly"), "{owner:?}");
 }

@@ -112,6 +112,54 @@ async function cancel(id) {
   refresh();
 }
 
+// === the schedules (kubernetes backend only: the local backend answers 501) ===
+
+let schedulesServed = true;
+
+function when(iso) {
+  const d = new Date(iso);
+  return isNaN(d) ? "" : d.toLocaleString();
+}
+
+async function renderSchedules() {
+  if (!schedulesServed) return;
+  const resp = await api("/schedules");
+  if (resp.status === 501 || resp.status === 404) { schedulesServed = false; $("schedules-section").hidden = true; return; }
+  $("schedules-section").hidden = false;
+  if (!resp.ok) { $("schedule-error").textContent = await detail(resp); return; }
+  const items = await resp.json();
+  $("schedules").querySelector("tbody").replaceChildren(...items.map((s) => {
+    const state = !s.ready ? "Invalid" : s.suspend ? "Suspended" : "Active";
+    const runNow = el("button", { type: "button", "aria-label": "Run " + s.name + " now", text: "Run now" });
+    runNow.addEventListener("click", () => scheduleAction(s.name, "run"));
+    const toggle = el("button", {
+      type: "button", "aria-label": (s.suspend ? "Resume " : "Suspend ") + s.name, text: s.suspend ? "Resume" : "Suspend",
+    });
+    toggle.addEventListener("click", () => scheduleAction(s.name, s.suspend ? "resume" : "suspend"));
+    const last = s.lastRun
+      ? el("a", { href: "#/runs/" + s.lastRun.name, text: [s.lastRun.phase, s.lastRun.reason].filter(Boolean).join(" · ") || s.lastRun.name })
+      : "";
+    return el("tr", { "data-schedule": s.name },
+      el("td", { "data-label": "Schedule", text: s.name }),
+      el("td", { "data-label": "Cron", class: "params", text: s.schedule + (s.timeZone ? " (" + s.timeZone + ")" : "") }),
+      el("td", { "data-label": "State" }, el("span", { class: "badge " + state, text: state, title: s.message || "" })),
+      el("td", { "data-label": "Last run" }, last),
+      el("td", { "data-label": "Next", text: s.nextScheduleTime && !s.suspend && s.ready ? when(s.nextScheduleTime) : "" }),
+      el("td", {}, runNow, " ", toggle));
+  }));
+  $("no-schedules").hidden = items.length > 0;
+}
+
+async function scheduleAction(name, action) {
+  $("schedule-error").textContent = "";
+  try {
+    const resp = await api("/schedules/" + encodeURIComponent(name) + "/" + action, { method: "POST" });
+    if (!resp.ok) { $("schedule-error").textContent = await detail(resp); return; }
+    if (action === "run") { location.hash = "#/runs/" + (await resp.json()).id; return; }
+  } catch (e) { failed(e, "schedule-error"); }
+  refresh();
+}
+
 // === one run ===
 
 function renderNotebook(nb) {
@@ -185,6 +233,14 @@ async function renderRun(id, first) {
       renderNotebook(JSON.parse(await blob.text()));
     }
   }
+  if (finished && $("run-report").hidden) {
+    // The HTML report (results store s3): fetched with the token, opened from memory.
+    const report = await api("/runs/" + encodeURIComponent(id) + "/report");
+    if (report.ok) {
+      $("run-report").href = URL.createObjectURL(new Blob([await report.blob()], { type: "text/html" }));
+      $("run-report").hidden = false;
+    }
+  }
   return !finished;
 }
 
@@ -205,7 +261,7 @@ async function refresh(first = false) {
       if (active || first) timer = setTimeout(() => refresh(), 700);
     } else {
       show("list-view");
-      await renderList();
+      await Promise.all([renderList(), renderSchedules()]);
       timer = setTimeout(() => refresh(), 1000);
     }
   } catch (e) { failed(e); }
@@ -234,5 +290,5 @@ $("token-form").addEventListener("submit", async (event) => {
 $("forget-token").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); needToken(); });
 $("start-form").addEventListener("submit", start);
 $("run-kill").addEventListener("click", () => { const r = route(); if (r.run) cancel(r.run); });
-window.addEventListener("hashchange", () => { stop(); refresh(true); });
+window.addEventListener("hashchange", () => { stop(); $("run-report").hidden = true; refresh(true); });
 refresh(true);
