@@ -501,6 +501,18 @@ pub struct OutputRef {
     /// True when the notebook's outputs were cut to fit.
     #[serde(default)]
     pub truncated: bool,
+    /// `s3` when the results are in the S3 store (absent: the ConfigMap above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// Object key of the executed notebook in the bucket (s3), when the store holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notebook: Option<String>,
+    /// Object key of the HTML report (s3), when the store holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<String>,
+    /// Object key of the full log (s3), when the store holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
     /// Why the executed notebook was not kept, when it was not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

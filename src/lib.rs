@@ -12,6 +12,7 @@ pub mod lock;
 pub mod metrics;
 pub mod notify;
 pub mod progress;
+pub mod results;
 pub mod runner;
 pub mod schedule;
 pub mod status;

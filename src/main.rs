@@ -12,6 +12,7 @@ use notebook_operator::controller::{self, ControllerConfig, Readiness};
 use notebook_operator::job::JobConfig;
 use notebook_operator::leader::{self, ElectionConfig, Leadership};
 use notebook_operator::metrics::Metrics;
+use notebook_operator::results::{ResultsArgs, ResultsStore};
 use notebook_operator::telemetry::{self, LogFormat};
 use tracing::info;
 
@@ -109,7 +110,7 @@ struct ControllerSettings {
 }
 
 impl ControllerSettings {
-    fn config(self, namespace: Option<String>) -> ControllerConfig {
+    fn config(self, namespace: Option<String>, results: ResultsStore) -> ControllerConfig {
         ControllerConfig {
             job: JobConfig {
                 default_resources: self.default_resources,
@@ -125,6 +126,7 @@ impl ControllerSettings {
                 attempt_timeout: self.notify_attempt_timeout,
             },
             history_limit: self.history_limit,
+            results,
         }
     }
 }
@@ -141,6 +143,8 @@ struct ControllerArgs {
     listen: String,
     #[command(flatten)]
     election: ElectionArgs,
+    #[command(flatten)]
+    results: ResultsArgs,
 }
 
 #[derive(Args)]
@@ -192,10 +196,13 @@ struct KubeApiArgs {
     cancel_timeout: std::time::Duration,
     #[command(flatten)]
     api: ApiArgs,
+    /// The results store (read by the facade, written by the controller of `all`).
+    #[command(flatten)]
+    results: ResultsArgs,
 }
 
 impl KubeApiArgs {
-    fn config(&self, client: &kube::Client) -> KubeConfig {
+    fn config(&self, client: &kube::Client, results: ResultsStore) -> KubeConfig {
         let notebook = match (&self.notebook_configmap, &self.notebook_path) {
             (Some(cm), _) => {
                 let (name, key) =
@@ -212,6 +219,7 @@ impl KubeApiArgs {
             lock: self.lock.clone(),
             admit_timeout: self.admit_timeout,
             cancel_timeout: self.cancel_timeout,
+            results,
         }
     }
 }
@@ -332,7 +340,8 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signal();
     let ops = controller_ops(metrics.clone(), readiness.clone());
     let server = axum::serve(listener, ops).with_graceful_shutdown(shutdown.wait());
-    let config = args.settings.config(args.namespace);
+    let results = args.results.store().map_err(anyhow::Error::msg)?;
+    let config = args.settings.config(args.namespace, results);
     let election = &args.election;
     if !election.leader_elect {
         metrics.set_leader(true);
@@ -383,7 +392,8 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
 async fn run_api(args: KubeApiArgs, controller_settings: Option<ControllerSettings>) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let token = args.api.token()?;
-    let config = args.config(&client);
+    let results = args.results.store().map_err(anyhow::Error::msg)?;
+    let config = args.config(&client, results.clone());
     // `/metrics` shows only what this process updates: requests and starts in `api` (runs are
     // counted by the controller, on its own port); runs too in `all`, whose controller updates them.
     let metrics = if controller_settings.is_some() { Metrics::with_api() } else { Metrics::api_only() };
@@ -417,7 +427,7 @@ async fn run_api(args: KubeApiArgs, controller_settings: Option<ControllerSettin
         Some(settings) => {
             let controller = controller::run(
                 client,
-                settings.config(Some(namespace)),
+                settings.config(Some(namespace), results),
                 metrics,
                 Readiness::default(),
                 Leadership::unconditional(),

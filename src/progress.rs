@@ -10,6 +10,8 @@ use crate::crd::{Progress, Reason, RunError};
 
 pub const PROGRESS_PREFIX: &str = "##notebook-operator:progress ";
 pub const TRAILER_PREFIX: &str = "##notebook-operator:notebook ";
+/// The runner's upload reports with the s3 results store (`results::events`).
+pub const RESULTS_PREFIX: &str = "##notebook-operator:results ";
 /// Largest executed notebook we decode from a trailer (decompressed).
 pub const MAX_NOTEBOOK_BYTES: u64 = 64 * 1024 * 1024;
 /// Most cells a progress event may claim: a kernel can print anything to fd 1, so events are
@@ -74,6 +76,8 @@ impl Event {
 pub enum Line<'a> {
     Event(Event),
     Trailer(&'a str),
+    /// An upload report (JSON) of the s3 results store.
+    Results(&'a str),
     Output(&'a str),
 }
 
@@ -88,6 +92,8 @@ pub fn classify(line: &str) -> Line<'_> {
         }
     } else if let Some(data) = line.strip_prefix(TRAILER_PREFIX) {
         return Line::Trailer(data);
+    } else if let Some(json) = line.strip_prefix(RESULTS_PREFIX) {
+        return Line::Results(json);
     }
     Line::Output(line)
 }

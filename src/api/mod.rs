@@ -21,6 +21,7 @@ use auth::BearerScheme;
 mod auth;
 mod error;
 mod ops;
+mod results;
 mod runs;
 mod schedules;
 mod seed;
@@ -70,7 +71,8 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::create_run, runs::list_runs))
         .routes(routes!(runs::get_run, runs::delete_run))
         .routes(routes!(runs::run_logs))
-        .routes(routes!(runs::run_notebook))
+        .routes(routes!(results::run_notebook))
+        .routes(routes!(results::run_report))
         .routes(routes!(runs::cancel_run))
         .routes(routes!(schedules::list_schedules))
         .routes(routes!(schedules::get_schedule))

@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -122,27 +122,7 @@ pub async fn run_logs(
     Ok(text_stream(Body::from_stream(stream)))
 }
 
-/// The executed notebook (partial for a failed or cancelled run).
-#[utoipa::path(
-    get,
-    path = "/runs/{id}/notebook",
-    tag = "runs",
-    params(("id" = String, Path, description = "run id")),
-    responses(
-        (status = 200, description = "ipynb JSON", body = Object, content_type = "application/x-ipynb+json"),
-        (status = 401, description = "missing or wrong token", body = ErrorBody),
-        (status = 404, description = "unknown run, or no notebook yet", body = ErrorBody)
-    )
-)]
-pub async fn run_notebook(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    match state.backend.notebook(&id).await? {
-        Some(nb) => Ok(([(header::CONTENT_TYPE, "application/x-ipynb+json")], nb).into_response()),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("Run {id} has no executed notebook yet."))),
-    }
-}
+// `/runs/{id}/notebook` is in results.rs (streamed from the results store).
 
 /// Cancel a run; a finished run is left as it is.
 #[utoipa::path(

@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -191,13 +191,8 @@ pub async fn output(
         )));
     }
     if q.full {
-        return match state.backend.notebook(&run.id).await? {
-            Some(nb) => Ok(([(header::CONTENT_TYPE, "application/x-ipynb+json")], nb).into_response()),
-            None => Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("Task {} has no executed notebook ({}).", run.id, run.phase.as_str()),
-            )),
-        };
+        let missing = format!("Task {} has no executed notebook ({}).", run.id, run.phase.as_str());
+        return super::results::notebook_response(&state, &run.id, missing).await;
     }
     Ok(text(output_text(&run)))
 }

@@ -50,6 +50,8 @@ pub struct KubeConfig {
     pub admit_timeout: Duration,
     /// How long `/kill` waits for the run to reach Cancelled.
     pub cancel_timeout: Duration,
+    /// Where the controller keeps results (`--results-store`): read back from there.
+    pub results: crate::results::ResultsStore,
 }
 
 pub struct KubeBackend {
@@ -317,7 +319,15 @@ impl Backend for Arc<KubeBackend> {
     }
 
     async fn logs(&self, id: &str, follow: bool) -> Result<LogStream> {
-        self.cached(id).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
+        let run = self.cached(id).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
+        // A finished run's full log is in the s3 store when it has one, pod or no pod.
+        if run.is_finished()
+            && run.status.as_ref().and_then(|s| s.output.as_ref()).is_some_and(|o| o.log.is_some())
+            && let super::Stored::Object(log) =
+                crate::results::stored(&self.config.results, &run, crate::results::ResultObject::Log).await?
+        {
+            return Ok(crate::results::user_log(log));
+        }
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.config.namespace);
         // Following a run that has not started its container yet waits for it (bounded).
         let deadline = tokio::time::Instant::now() + self.config.admit_timeout.max(Duration::from_secs(120));
@@ -369,6 +379,11 @@ impl Backend for Arc<KubeBackend> {
             }
         };
         Ok(Box::pin(lines))
+    }
+
+    async fn stored(&self, id: &str, object: crate::results::ResultObject) -> Result<super::Stored> {
+        let run = self.cached(id).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
+        crate::results::stored(&self.config.results, &run, object).await
     }
 
     async fn delete(&self, id: &str) -> Result<()> {

@@ -280,7 +280,7 @@ impl LocalBackend {
             let text = String::from_utf8_lossy(splitter.line());
             match progress::classify(&text) {
                 Line::Event(event) => self.update_progress(id, event.progress()).await,
-                Line::Trailer(_) => {} // the runner also wrote the notebook file
+                Line::Trailer(_) | Line::Results(_) => {} // the runner also wrote the notebook file
                 Line::Output(_) => {
                     if log.write_all(text.as_bytes()).await.is_ok() {
                         let _ = log.flush().await;

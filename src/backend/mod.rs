@@ -99,8 +99,21 @@ pub trait Backend: Send + Sync + 'static {
     /// What the notebook printed; with `follow`, streams until the run ends.
     async fn logs(&self, id: &str, follow: bool) -> Result<LogStream>;
     async fn delete(&self, id: &str) -> Result<()>;
+    /// An object of the run in the s3 results store (notebook, report, log), streamed.
+    async fn stored(&self, _id: &str, _object: crate::results::ResultObject) -> Result<Stored> {
+        Ok(Stored::NoStore)
+    }
     /// True once the backend can answer (reflector synced, data dir loaded).
     fn ready(&self) -> bool;
+}
+
+/// What the results store holds of a run's object.
+pub enum Stored {
+    /// This backend keeps results in no object store (the notebook comes from `notebook`).
+    NoStore,
+    /// The store holds no such object: why, for a person.
+    Missing(String),
+    Object(crate::results::StoredObject),
 }
 
 /// What picking the current run looks at, borrowed from a run of either backend.

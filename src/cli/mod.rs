@@ -141,6 +141,7 @@ pub async fn main(command: ClientCommand) -> anyhow::Result<i32> {
                 lock: args.lock.clone(),
                 admit_timeout: args.admit_timeout,
                 cancel_timeout: Duration::from_secs(60),
+                results: Default::default(),
             };
             let backend = cluster(client, config).await?;
             let run = backend.start(parameters(&args.follow)).await?;
@@ -217,6 +218,7 @@ impl TargetArgs {
             lock: self.lock.clone(),
             admit_timeout: Duration::from_secs(30),
             cancel_timeout: Duration::from_secs(60),
+            results: Default::default(),
         };
         cluster(client, config).await
     }

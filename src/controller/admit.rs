@@ -113,6 +113,8 @@ impl Reconciler<'_> {
         }
         let mut finalizers = self.run.finalizers().to_vec();
         finalizers.push(LOCK_FINALIZER.into());
+        // With the s3 store the run's objects go with it: a finalizer of their own, kept past the end.
+        finalizers.extend(self.results_finalizer().map(String::from).filter(|f| !finalizers.contains(f)));
         let runs: Api<NotebookRun> = self.api();
         // The resourceVersion makes the list write conditional: no other finalizer is dropped.
         let patch =
@@ -180,7 +182,9 @@ impl Reconciler<'_> {
             Ok(nb) => nb,
             Err((reason, message)) => return self.fail_now(reason, message).await,
         };
-        let inputs = job::inputs_config_map(self.run, notebook.as_deref());
+        let mut inputs = job::inputs_config_map(self.run, notebook.as_deref());
+        let mut desired = job::build(self.run, &self.ctx.config.job);
+        self.add_results_urls(&mut inputs, &mut desired).await?;
         if let Err(message) = validate_inputs(&inputs) {
             return self.fail_now(Reason::InvalidNotebook, message).await;
         }
@@ -197,7 +201,6 @@ impl Reconciler<'_> {
                     .await;
             }
         }
-        let mut desired = job::build(self.run, &self.ctx.config.job);
         // The runner gets the cancel grace to save its partial notebook before SIGKILL.
         if let Some(pod) = desired.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
             pod.termination_grace_period_seconds = Some(self.ctx.config.cancel_grace.as_secs().max(1) as i64);

@@ -28,6 +28,10 @@ impl Reconciler<'_> {
             return Ok(wait);
         }
         let pod = pods.last();
+        if self.ctx.config.results.s3().is_some() {
+            let output = self.s3_output(pod).await;
+            return self.record_outcome(outcome, output, pod.map(ResourceExt::name_any)).await;
+        }
         let mut notebook = None;
         if let Some(pod) = pod {
             let api: Api<Pod> = self.api();
@@ -77,6 +81,7 @@ impl Reconciler<'_> {
         let pods = self.run_pods().await?;
         let exited_zero = pods.last().and_then(runner_exit_code) == Some(0);
         let output = match notebook {
+            _ if self.ctx.config.results.s3().is_some() => self.s3_output(pods.last()).await,
             Some(nb) => Some(self.keep_notebook(&nb).await),
             None => None,
         };
@@ -102,13 +107,12 @@ impl Reconciler<'_> {
         let cm = job::output_config_map(self.run, gz);
         let name = cm.name_any();
         match self.write_output(cm).await {
-            Ok(()) => OutputRef { config_map: Some(name), truncated, message: None },
+            Ok(()) => OutputRef { config_map: Some(name), truncated, ..Default::default() },
             Err(why) => {
                 warn!(config_map = %name, why = %why, "executed notebook not kept");
                 OutputRef {
-                    config_map: None,
-                    truncated: false,
                     message: Some(format!("the executed notebook was not kept: {why}")),
+                    ..Default::default()
                 }
             }
         }

@@ -11,6 +11,7 @@ mod finish;
 mod logs;
 pub mod prune;
 mod record;
+mod results;
 mod running;
 mod stop;
 
@@ -63,6 +64,8 @@ pub struct ControllerConfig {
     pub notify: crate::notify::NotifyConfig,
     /// Finished runs kept per lock (`--history-limit`).
     pub history_limit: prune::HistoryLimit,
+    /// Where executed notebooks, reports and logs are kept (`--results-store`).
+    pub results: crate::results::ResultsStore,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +111,8 @@ pub struct Context {
     pruner: prune::Pruner,
     /// Namespaces where this process created or found the shared runner ConfigMap.
     runners: Mutex<HashSet<String>>,
+    /// Failed attempts at deleting a deleted run's objects from the s3 store (by run uid).
+    results_deletes: Mutex<HashMap<String, u32>>,
 }
 
 /// Readiness of the controller: true once the run cache has synced.
@@ -190,6 +195,7 @@ pub async fn run(
         no_pod_since: Default::default(),
         pruner: prune::Pruner::default(),
         runners: Default::default(),
+        results_deletes: Default::default(),
     });
     let prune_loop = prune::run(ctx.clone(), synced, shutdown.clone());
     let runs_loop = controller

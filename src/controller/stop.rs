@@ -126,7 +126,8 @@ impl Reconciler<'_> {
     /// A run being deleted: if it may hold the lock, stop its pods, release, then let it go.
     pub(super) async fn deleting(&self) -> Result<Action> {
         if !self.run.finalizers().iter().any(|f| f == LOCK_FINALIZER) {
-            return Ok(Action::await_change());
+            // Then its objects in the s3 store, if it has some (the next pass after the lock's).
+            return self.delete_results().await;
         }
         if let Some(wait) = self.stop_pods(false).await? {
             return Ok(wait);

@@ -67,6 +67,7 @@ _TRACE = bool(os.environ.get("NOTEBOOK_OPERATOR_RUNNER_TRACE"))
 
 PROGRESS_PREFIX = "##notebook-operator:progress "
 TRAILER_PREFIX = "##notebook-operator:notebook "
+RESULTS_PREFIX = "##notebook-operator:results "
 TERMINATION_LIMIT = 4096
 STARTUP_TIMEOUT = 60.0
 
@@ -142,8 +143,10 @@ class Stdout:
         self.pending = ""  # held-back start of a line that may turn out to be MARK
         self.broken = False
         self.stream = getattr(sys.stdout, "buffer", None)
+        self.tee = None  # the full log, uploaded at the end (--results)
 
     def _write(self, data):
+        self.tee_write(data)
         if self.broken or self.stream is None:
             return
         try:
@@ -151,6 +154,14 @@ class Stdout:
             self.stream.flush()
         except (OSError, ValueError):
             self.broken = True
+
+    def tee_write(self, data):
+        if self.tee is not None:
+            try:
+                self.tee.write(data)
+                self.tee.flush()
+            except (OSError, ValueError):
+                self.tee = None
 
     def raw(self, text):
         """Forward cell output as is (apart from the escaping above)."""
@@ -191,8 +202,10 @@ STDOUT = Stdout()
 
 
 def err(text):
+    line = text if text.endswith("\n") else text + "\n"
+    STDOUT.tee_write(line.encode("utf-8", "replace"))
     try:
-        sys.stderr.write(text if text.endswith("\n") else text + "\n")
+        sys.stderr.write(line)
         sys.stderr.flush()
     except (OSError, ValueError, AttributeError):
         pass
@@ -219,6 +232,7 @@ def parse_args(argv):
     p.add_argument("--kernel", help="kernel name (default: the notebook's kernelspec, else python3)")
     p.add_argument("--cell-timeout", type=float, help="per-cell timeout in seconds (<= 0: none)")
     p.add_argument("--termination-log", help="where to write the termination message (JSON)")
+    p.add_argument("--results", help="JSON object of presigned PUT URLs: notebook, report, log (s3 results store)")
     return p.parse_args(argv)
 
 
@@ -625,6 +639,120 @@ def _has_fileno(stream):
         return False
 
 
+# --------------------------------------------------------------------------- results store (s3)
+
+
+class Results:
+    """Uploads to the s3 results store through presigned PUT URLs (--results), with urllib only.
+
+    The notebook is uploaded after every cell (a SIGKILL keeps the last saved state), then at the
+    end with the HTML report and the full log. A failed upload never fails the notebook: it is
+    reported as ``##notebook-operator:results {"object", "ok": false, "error"}`` and the
+    controller puts it in status.output.message. After a failure, per-cell uploads pause for
+    RETRY_AFTER seconds so that an unreachable store does not slow every cell by a timeout."""
+
+    TIMEOUT = 60.0  # per request
+    RETRY_AFTER = 30.0
+    OBJECTS = ("notebook", "report", "log")
+
+    def __init__(self, urls, log_path):
+        self.urls = urls
+        self.log_path = log_path
+        self.paused_until = 0.0
+
+    @classmethod
+    def load(cls, path, output):
+        urls = {}
+        problem = None
+        try:
+            with open(path, encoding="utf-8") as f:
+                urls = json.load(f)
+            if not isinstance(urls, dict) or not all(isinstance(urls.get(o), str) for o in cls.OBJECTS):
+                problem, urls = "the results file %s does not name the three upload URLs" % path, {}
+        except (OSError, ValueError) as e:
+            problem = "cannot read the results file %s: %s" % (path, first_line(e))
+        results = cls(urls, output + ".log")
+        if problem:
+            err("notebook-operator runner: %s; nothing will be uploaded" % problem)
+            for o in cls.OBJECTS:
+                results.report(o, False, error=problem, final=True)
+            return None
+        try:
+            STDOUT.tee = open(results.log_path, "ab")
+        except OSError as e:
+            err("notebook-operator runner: cannot write the log file %s: %s" % (results.log_path, e))
+        return results
+
+    @staticmethod
+    def report(obj, ok, **fields):
+        payload = {"object": obj, "ok": ok}
+        payload.update({k: v for k, v in fields.items() if v is not None})
+        STDOUT.line(RESULTS_PREFIX + json.dumps(payload, separators=(",", ":")))
+
+    def put(self, obj, data, content_type, final=False, cell=None):
+        """PUT one object; reports the outcome. Returns True when the store took it."""
+        import hashlib
+        import urllib.error
+        import urllib.request
+
+        if not final and time.monotonic() < self.paused_until:
+            return False
+        req = urllib.request.Request(self.urls[obj], data=data, method="PUT")
+        req.add_header("Content-Type", content_type)
+        error = None
+        try:
+            with urllib.request.urlopen(req, timeout=self.TIMEOUT) as resp:
+                resp.read()
+        except urllib.error.HTTPError as e:
+            body = b""
+            try:
+                body = e.read(300)
+            except Exception:  # noqa: BLE001
+                pass
+            error = "HTTP %d %s %s" % (e.code, e.reason, first_line(body.decode("utf-8", "replace"), 200))
+        except Exception as e:  # noqa: BLE001 - URLError, timeouts, resets: reported, never fatal
+            error = first_line(getattr(e, "reason", None) or e, 200)
+        if error is not None:
+            self.paused_until = time.monotonic() + self.RETRY_AFTER
+            if final:
+                err("notebook-operator runner: %s not uploaded: %s" % (obj, error))
+            self.report(obj, False, error=str(error), final=final or None, cell=cell)
+            return False
+        sha = hashlib.sha256(data).hexdigest()
+        self.report(obj, True, bytes=len(data), sha256=sha, final=final or None, cell=cell)
+        return True
+
+    def report_html(self, nb):
+        """The HTML report (nbconvert's HTMLExporter), or why there is none."""
+        try:
+            from nbconvert import HTMLExporter
+        except Exception as e:  # noqa: BLE001 - ImportError, or a broken install
+            note = "nbconvert is not installed in the image (%s)" % first_line(e, 150)
+            err("notebook-operator runner: no HTML report: %s" % note)
+            self.report("report", False, skipped=True, error=note, final=True)
+            return
+        try:
+            body, _ = HTMLExporter().from_notebook_node(nb)
+        except Exception as e:  # noqa: BLE001
+            note = "nbconvert could not render it: %s" % first_line(e, 200)
+            err("notebook-operator runner: no HTML report: %s" % note)
+            self.report("report", False, skipped=True, error=note, final=True)
+            return
+        self.put("report", body.encode("utf-8"), "text/html; charset=utf-8", final=True)
+
+    def upload_log(self):
+        tee, STDOUT.tee = STDOUT.tee, None  # what follows is not in the log
+        try:
+            if tee is not None:
+                tee.close()
+            with open(self.log_path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            self.report("log", False, error="cannot read the log file: %s" % first_line(e), final=True)
+            return
+        self.put("log", data, "text/plain; charset=utf-8", final=True)
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -647,6 +775,7 @@ class Run:
         self.kc = None  # the warm kernel's client and kernel_info reply, when it is reused
         self.ready_reply = None
         self.kernel_cwd = None  # where the reused warm kernel must change into
+        self.results = None  # uploads to the s3 results store (--results)
 
     # ---- signals
 
@@ -737,7 +866,9 @@ class Run:
             STDOUT.event(
                 event="finished", reason=reason, cellsCompleted=self.cells_completed, cellsTotal=self.cells_total
             )
-            if data is not None:
+            if self.results is not None:
+                self.upload_final(data)
+            elif data is not None:
                 STDOUT.line(TRAILER_PREFIX + base64.b64encode(gzip.compress(data, 6, mtime=0)).decode("ascii"))
             trace("outcome reported")
         finally:
@@ -747,6 +878,21 @@ class Run:
                     trace("kernel killed")
             finally:
                 os._exit(EXIT_CODES.get(reason, 4))
+
+    def upload_final(self, data):
+        """The s3 store instead of the trailer: the notebook, its HTML report, then the log."""
+        r = self.results
+        try:
+            if data is not None:
+                r.put("notebook", data, "application/x-ipynb+json", final=True)
+                r.report_html(self.nb)
+            else:
+                r.report("notebook", False, skipped=True, error="the run ended before the notebook was read", final=True)
+                r.report("report", False, skipped=True, error="no notebook to render", final=True)
+            r.upload_log()
+        except Exception as e:  # noqa: BLE001 - an upload never fails the notebook
+            err("notebook-operator runner: uploading the results failed: %s" % first_line(e))
+        trace("results uploaded")
 
     # ---- main
 
@@ -771,6 +917,8 @@ class Run:
         except _ArgError as e:
             raise InputError("InvalidNotebook", "Invalid arguments: %s" % e)
         self.termination_log = self.args.termination_log
+        if self.args.results:
+            self.results = Results.load(self.args.results, self.args.output)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
         if _EARLY_SIGNALS:
@@ -1040,7 +1188,9 @@ class Run:
             self.cells_completed += 1
             self.current_cell = None
             STDOUT.event(event="cell_done", cell=index, cellsCompleted=self.cells_completed, cellsTotal=self.cells_total)
-            self.save()
+            data = self.save()
+            if self.results is not None and data is not None:
+                self.results.put("notebook", data, "application/x-ipynb+json", cell=index)
         try:
             client.set_widgets_metadata()
         except Exception:  # noqa: BLE001

@@ -38,6 +38,9 @@ pub mod real_node;
 #[allow(dead_code)] // each test binary uses part of the harness
 pub mod runs;
 #[cfg(test)]
+#[allow(dead_code)] // the results-store tests
+pub mod s3;
+#[cfg(test)]
 #[allow(dead_code)] // the binaries that drive a facade over HTTP
 pub mod served;
 pub mod wait;
