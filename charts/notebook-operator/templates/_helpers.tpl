@@ -186,3 +186,38 @@ seccompProfile:
   resources: ["notebookschedules/finalizers"]
   verbs: ["update"]
 {{- end }}
+
+{{/*
+The results store (docs/results.md), as env of the controller and the API: the same store for both.
+*/}}
+{{- define "notebook-operator.resultsEnv" -}}
+- name: NOTEBOOK_OPERATOR_RESULTS_STORE
+  value: {{ .Values.results.store | quote }}
+{{- if eq .Values.results.store "s3" }}
+{{- $s3 := .Values.results.s3 }}
+{{- with $s3.endpoint }}
+- name: NOTEBOOK_OPERATOR_S3_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+- name: NOTEBOOK_OPERATOR_S3_BUCKET
+  value: {{ $s3.bucket | quote }}
+- name: NOTEBOOK_OPERATOR_S3_REGION
+  value: {{ $s3.region | quote }}
+- name: NOTEBOOK_OPERATOR_S3_PREFIX
+  value: {{ $s3.prefix | quote }}
+{{- if $s3.allowHttp }}
+- name: NOTEBOOK_OPERATOR_S3_ALLOW_HTTP
+  value: "true"
+{{- end }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s3.existingSecret }}
+      key: AWS_ACCESS_KEY_ID
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s3.existingSecret }}
+      key: AWS_SECRET_ACCESS_KEY
+{{- end }}
+{{- end }}
