@@ -331,6 +331,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let results = args.results.store().map_err(anyhow::Error::msg)?;
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let metrics = Metrics::new();
     let readiness = Readiness::default();
@@ -340,7 +341,6 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signal();
     let ops = controller_ops(metrics.clone(), readiness.clone());
     let server = axum::serve(listener, ops).with_graceful_shutdown(shutdown.wait());
-    let results = args.results.store().map_err(anyhow::Error::msg)?;
     let config = args.settings.config(args.namespace, results);
     let election = &args.election;
     if !election.leader_elect {
@@ -390,9 +390,9 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
 
 /// `api`, or with controller settings `all`: the REST facade over NotebookRuns.
 async fn run_api(args: KubeApiArgs, controller_settings: Option<ControllerSettings>) -> anyhow::Result<()> {
+    let results = args.results.store().map_err(anyhow::Error::msg)?;
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let token = args.api.token()?;
-    let results = args.results.store().map_err(anyhow::Error::msg)?;
     let config = args.config(&client, results.clone());
     // `/metrics` shows only what this process updates: requests and starts in `api` (runs are
     // counted by the controller, on its own port); runs too in `all`, whose controller updates them.

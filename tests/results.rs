@@ -295,3 +295,40 @@ async fn an_unreachable_store_at_the_end_neither_fails_the_run_nor_holds_its_del
     let key = format!("runs/{}/down/notebook.ipynb", env.ns);
     assert!(s3.object_file(&key).exists(), "{key}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_run_keeps_its_partial_notebook_report_and_log() {
+    let s3 = S3Server::start().await;
+    let (env, facade) = setup("results-cancel", &s3).await;
+    let cells =
+        ["print('done before the cancel')", "import time\nprint('waiting', flush=True)\ntime.sleep(300)"];
+    env.create(&run_of("cancelled", &cells, json!({}))).await;
+    env.wait_until("cancelled", "the second cell running", |r| {
+        r.status.as_ref().and_then(|s| s.progress.as_ref()).is_some_and(|p| p.cells_completed == 1)
+    })
+    .await;
+    let patch = json!({"spec": {"cancel": true}});
+    env.runs
+        .patch("cancelled", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+        .await
+        .expect("cancel");
+    let run = env.wait_terminal("cancelled").await;
+    assert_eq!(run.phase(), Some(RunPhase::Cancelled), "{:?}", run.status);
+    let out = output(&run);
+    let ns = env.ns.to_string();
+    assert_eq!(out.notebook, Some(format!("runs/{ns}/cancelled/notebook.ipynb")), "{out:?}");
+    assert_eq!(out.report, Some(format!("runs/{ns}/cancelled/report.html")), "{out:?}");
+    assert_eq!(out.log, Some(format!("runs/{ns}/cancelled/log.txt")), "{out:?}");
+
+    let nb: Value = get(&facade, "/runs/cancelled/notebook").await.json().await.expect("ipynb JSON");
+    assert!(nb["cells"][0]["outputs"].to_string().contains("done before the cancel"));
+    assert!(
+        nb["cells"][1]["outputs"].to_string().contains("waiting"),
+        "the partial cell is saved on SIGTERM"
+    );
+    let resp = get(&facade, "/runs/cancelled/report").await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().contains("done before the cancel"));
+    let logs = get(&facade, "/runs/cancelled/logs").await.text().await.unwrap();
+    assert!(logs.contains("done before the cancel") && logs.contains("waiting"), "{logs}");
+}

@@ -95,6 +95,7 @@ pub struct ResultsArgs {
     /// Bucket of the results (it must exist).
     #[arg(long, env = "NOTEBOOK_OPERATOR_S3_BUCKET")]
     pub s3_bucket: Option<String>,
+    /// Region of the bucket (the signatures are made for it).
     #[arg(long, env = "NOTEBOOK_OPERATOR_S3_REGION", default_value = "us-east-1")]
     pub s3_region: String,
     /// Prepended to every object key (`<prefix><namespace>/<run>/notebook.ipynb`), e.g. `runs/`.
