@@ -28,7 +28,7 @@ impl Reconciler<'_> {
             return Ok(wait);
         }
         let pod = pods.last();
-        if self.ctx.config.results.s3().is_some() {
+        if self.results_in_s3() {
             let output = self.s3_output(pod).await;
             return self.record_outcome(outcome, output, pod.map(ResourceExt::name_any)).await;
         }
@@ -81,7 +81,7 @@ impl Reconciler<'_> {
         let pods = self.run_pods().await?;
         let exited_zero = pods.last().and_then(runner_exit_code) == Some(0);
         let output = match notebook {
-            _ if self.ctx.config.results.s3().is_some() => self.s3_output(pods.last()).await,
+            _ if self.results_in_s3() => self.s3_output(pods.last()).await,
             Some(nb) => Some(self.keep_notebook(&nb).await),
             None => None,
         };

@@ -61,10 +61,24 @@ impl Reconciler<'_> {
         self.ctx.config.results.s3().map(|_| RESULTS_FINALIZER)
     }
 
+    /// Whether the run was admitted with the s3 store (its runner uploads there), whatever this
+    /// controller is configured with now.
+    pub(super) fn results_in_s3(&self) -> bool {
+        self.run.finalizers().iter().any(|f| f == RESULTS_FINALIZER)
+    }
+
     /// `status.output` with the s3 store: from the runner's upload reports in the pod log; an
     /// object it did not report on (log gone, runner killed) is looked up in the store.
     pub(super) async fn s3_output(&self, pod: Option<&Pod>) -> Option<OutputRef> {
-        let store = self.ctx.config.results.s3()?;
+        let Some(store) = self.ctx.config.results.s3() else {
+            let message = "the run was admitted with the s3 results store, which this controller is not \
+                           configured for (--results-store s3): its objects are not looked at";
+            return Some(OutputRef {
+                store: Some("s3".into()),
+                message: Some(message.into()),
+                ..Default::default()
+            });
+        };
         let mut known: BTreeMap<ResultObject, Known> = BTreeMap::new();
         if let Some(pod) = pod {
             let api: Api<Pod> = self.api();
