@@ -320,11 +320,12 @@ impl Backend for Arc<KubeBackend> {
 
     async fn logs(&self, id: &str, follow: bool) -> Result<LogStream> {
         let run = self.cached(id).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
-        // A finished run's full log is in the s3 store when it has one, pod or no pod.
+        // A finished run's full log is in the s3 store when it has one, pod or no pod (a store
+        // that cannot be read leaves the pod log, while the pod exists).
         if run.is_finished()
             && run.status.as_ref().and_then(|s| s.output.as_ref()).is_some_and(|o| o.log.is_some())
-            && let super::Stored::Object(log) =
-                crate::results::stored(&self.config.results, &run, crate::results::ResultObject::Log).await?
+            && let Ok(super::Stored::Object(log)) =
+                crate::results::stored(&self.config.results, &run, crate::results::ResultObject::Log).await
         {
             return Ok(crate::results::user_log(log));
         }
