@@ -102,9 +102,16 @@ fn unique_operation_ids(doc: &mut utoipa::openapi::OpenApi) {
 }
 
 /// The OpenAPI 3.1 document served at `/openapi.json`: it asks for the bearer token only when
-/// the server has one.
-pub fn openapi(token: bool) -> utoipa::openapi::OpenApi {
+/// the server has one, and lists the schedules only where they are served (the kubernetes
+/// backend; the local backend answers 501 there).
+pub fn openapi(token: bool, schedules: bool) -> utoipa::openapi::OpenApi {
     let mut doc = routes().1;
+    if !schedules {
+        doc.paths.paths.retain(|path, _| !path.starts_with("/schedules"));
+        if let Some(tags) = doc.tags.as_mut() {
+            tags.retain(|t| t.name != "schedules");
+        }
+    }
     if !token {
         doc.security = None;
         if let Some(components) = doc.components.as_mut() {
@@ -116,7 +123,7 @@ pub fn openapi(token: bool) -> utoipa::openapi::OpenApi {
 
 pub fn router(state: AppState) -> Router {
     let (api, _) = routes();
-    let doc = openapi(state.token.is_some());
+    let doc = openapi(state.token.is_some(), state.schedules.is_some());
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
         .merge(ui::routes())
         .fallback(error::not_found)

@@ -84,6 +84,19 @@ fn info(s: &NotebookSchedule) -> ScheduleInfo {
     }
 }
 
+/// A name that no Kubernetes object can have (a DNS-1123 subdomain) is not looked up: not found.
+fn check_name(name: &str) -> Result<(), ApiError> {
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.split('.').all(|part| !part.is_empty() && !part.starts_with('-') && !part.ends_with('-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::NOT_FOUND, format!("Schedule {name} not found.")))
+    }
+}
+
 fn schedules(state: &AppState) -> Result<&Schedules, ApiError> {
     state.schedules.as_ref().ok_or_else(|| {
         ApiError::new(
@@ -130,7 +143,8 @@ fn kube_error(name: &str, e: kube::Error) -> ApiError {
     responses(
         (status = 200, description = "the schedules", body = Vec<ScheduleInfo>),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
-        (status = 501, description = "the local backend has no schedules", body = ErrorBody)
+        (status = 501, description = "the local backend has no schedules", body = ErrorBody),
+        (status = 503, description = "the Kubernetes API cannot be reached", body = ErrorBody)
     )
 )]
 pub async fn list_schedules(State(state): State<AppState>) -> Result<Json<Vec<ScheduleInfo>>, ApiError> {
@@ -150,7 +164,8 @@ pub async fn list_schedules(State(state): State<AppState>) -> Result<Json<Vec<Sc
         (status = 200, description = "the schedule", body = ScheduleInfo),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "unknown schedule", body = ErrorBody),
-        (status = 501, description = "the local backend has no schedules", body = ErrorBody)
+        (status = 501, description = "the local backend has no schedules", body = ErrorBody),
+        (status = 503, description = "the Kubernetes API cannot be reached", body = ErrorBody)
     )
 )]
 pub async fn get_schedule(
@@ -158,6 +173,7 @@ pub async fn get_schedule(
     Path(name): Path<String>,
 ) -> Result<Json<ScheduleInfo>, ApiError> {
     let s = schedules(&state)?;
+    check_name(&name)?;
     let schedule = s.api().get(&name).await.map_err(|e| kube_error(&name, e))?;
     Ok(Json(info(&schedule)))
 }
@@ -174,7 +190,8 @@ pub async fn get_schedule(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "unknown schedule", body = ErrorBody),
         (status = 422, description = "the run was refused by the API server (its message says why)", body = ErrorBody),
-        (status = 501, description = "the local backend has no schedules", body = ErrorBody)
+        (status = 501, description = "the local backend has no schedules", body = ErrorBody),
+        (status = 503, description = "the Kubernetes API cannot be reached", body = ErrorBody)
     )
 )]
 pub async fn run_schedule(
@@ -182,6 +199,7 @@ pub async fn run_schedule(
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<RunInfo>), ApiError> {
     let s = schedules(&state)?;
+    check_name(&name)?;
     let schedule = s.api().get(&name).await.map_err(|e| kube_error(&name, e))?;
     let runs: Api<crate::NotebookRun> = Api::namespaced(s.client.clone(), &s.namespace);
     let now = Timestamp::now();
@@ -207,6 +225,7 @@ pub async fn run_schedule(
 
 async fn set_suspend(state: &AppState, name: &str, suspend: bool) -> Result<Json<ScheduleInfo>, ApiError> {
     let s = schedules(state)?;
+    check_name(name)?;
     let patch = json!({"spec": {"suspend": suspend}});
     let schedule = s
         .api()
@@ -226,7 +245,8 @@ async fn set_suspend(state: &AppState, name: &str, suspend: bool) -> Result<Json
         (status = 200, description = "the schedule, suspended", body = ScheduleInfo),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "unknown schedule", body = ErrorBody),
-        (status = 501, description = "the local backend has no schedules", body = ErrorBody)
+        (status = 501, description = "the local backend has no schedules", body = ErrorBody),
+        (status = 503, description = "the Kubernetes API cannot be reached", body = ErrorBody)
     )
 )]
 pub async fn suspend_schedule(
@@ -247,7 +267,8 @@ pub async fn suspend_schedule(
         (status = 200, description = "the schedule, resumed", body = ScheduleInfo),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "unknown schedule", body = ErrorBody),
-        (status = 501, description = "the local backend has no schedules", body = ErrorBody)
+        (status = 501, description = "the local backend has no schedules", body = ErrorBody),
+        (status = 503, description = "the Kubernetes API cannot be reached", body = ErrorBody)
     )
 )]
 pub async fn resume_schedule(
