@@ -19,6 +19,17 @@ pub fn slim(run: &mut NotebookRun) {
     if let Some(inline) = run.spec.notebook.inline.take() {
         run.spec.notebook.inline_sha256 = Some(crate::job::sha256_hex(inline.as_bytes()));
     }
+    // A finished run is read for its lock, its end and what it still owns (Job, pod, outputs,
+    // notifications to deliver), never again for what built its pod or told its story.
+    if run.is_finished() {
+        let spec = &mut run.spec;
+        (spec.parameters, spec.env, spec.env_from, spec.resources) = (None, None, None, None);
+        (spec.node_selector, spec.tolerations, spec.security_context) = (None, None, None);
+        if let Some(status) = run.status.as_mut() {
+            (status.message, status.image_id, status.progress, status.error) = (None, None, None, None);
+            status.conditions = Vec::new();
+        }
+    }
 }
 
 /// `slim` for the watch stream, which carries runs that may not parse.
@@ -61,7 +72,7 @@ mod tests {
         assert_eq!(run.spec.notebook.inline, None);
         assert_eq!(run.spec.notebook.inline_sha256, Some(crate::job::sha256_hex(notebook.as_bytes())));
         assert_eq!((run.spec.lock.as_str(), run.is_finished()), ("l", true));
-        assert!(run.spec.parameters.is_some());
+        assert_eq!(run.spec.parameters, None, "a finished run's pod is never built again");
         let after = serde_json::to_vec(&run).unwrap().len();
         assert!(after < 1_000 && before > 200_000, "{before} -> {after} bytes");
         // The hash never reaches the API server.
@@ -74,5 +85,44 @@ mod tests {
             (by_path.spec.notebook.path.as_deref(), by_path.spec.notebook.inline_sha256),
             (Some("/nb"), None)
         );
+    }
+
+    #[test]
+    fn finished_runs_keep_their_lock_end_and_what_they_own() {
+        let run = |phase: &str| -> NotebookRun {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "notebooks.dev/v1alpha1",
+                "kind": "NotebookRun",
+                "metadata": {"name": "r", "namespace": "ns", "finalizers": ["notebooks.dev/lock"]},
+                "spec": {"notebook": {"path": "/nb"}, "lock": "l", "parameters": {"n": 1},
+                         "ttlSecondsAfterFinished": 60, "cancel": true},
+                "status": {"phase": phase, "message": "m", "jobName": "j", "podName": "p",
+                           "completionTime": "2026-01-01T00:00:00Z",
+                           "error": {"reason": "CellError", "traceback": "x".repeat(10_000)},
+                           "output": {"configMap": "r-output"},
+                           "conditions": [{"type": "Succeeded", "status": "False", "reason": "CellError",
+                                           "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+            }))
+            .unwrap()
+        };
+        let mut running = run("Running");
+        slim(&mut running);
+        assert!(running.spec.parameters.is_some(), "an unfinished run may still build its pod");
+        assert_eq!(running.status.as_ref().unwrap().conditions.len(), 1);
+        let mut failed = run("Failed");
+        slim(&mut failed);
+        let status = failed.status.as_ref().unwrap();
+        assert_eq!(
+            (status.error.as_ref(), status.message.as_ref(), status.conditions.len()),
+            (None, None, 0)
+        );
+        assert_eq!((status.job_name.as_deref(), status.pod_name.as_deref()), (Some("j"), Some("p")));
+        assert!(status.completion_time.is_some() && status.output.is_some());
+        assert_eq!(
+            (failed.spec.lock.as_str(), failed.spec.ttl_seconds_after_finished, failed.spec.cancel),
+            ("l", Some(60), true)
+        );
+        assert_eq!(failed.finalizers(), ["notebooks.dev/lock"]);
+        assert_eq!(failed.spec.parameters, None);
     }
 }
