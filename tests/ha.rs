@@ -87,8 +87,10 @@ async fn assert_clean_finish(ns: &TestNamespace, runs: &Api<NotebookRun>, name: 
     for job in ns.api::<Job>().list(&Default::default()).await.unwrap() {
         assert!(owned(job.owner_references()), "orphan Job {}", job.name_any());
     }
+    // The runner's ConfigMap is shared by the namespace's runs and owned by none of them.
+    let runner = notebook_operator::job::runner_name();
     for cm in ns.api::<ConfigMap>().list(&Default::default()).await.unwrap() {
-        if cm.name_any() != "kube-root-ca.crt" && cm.name_any() != "nb" {
+        if !["kube-root-ca.crt", "nb", runner].contains(&cm.name_any().as_str()) {
             assert!(owned(cm.owner_references()), "orphan ConfigMap {}", cm.name_any());
         }
     }
