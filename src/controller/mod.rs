@@ -242,7 +242,8 @@ pub async fn run(
     tokio::join!(runs_loop, notify_loop, prune_loop, schedules_loop);
 }
 
-fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+/// The API of `K` in one namespace, or in all when None.
+pub(crate) fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
     <K as Resource>::DynamicType: Default,

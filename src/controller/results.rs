@@ -8,16 +8,14 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
-use serde_json::json;
 use tracing::{info, warn};
 
 use super::logs;
 use super::{Reconciler, Result, locked};
-use crate::crd::{NotebookRun, OutputRef, parse_duration};
+use crate::crd::{OutputRef, parse_duration};
 use crate::job;
 use crate::results::events::{self, Known};
 use crate::results::{ResultObject, presign_expiry};
@@ -148,18 +146,6 @@ impl Reconciler<'_> {
     }
 
     async fn remove_results_finalizer(&self) -> Result<Action> {
-        let runs: Api<NotebookRun> = self.api();
-        let Some(stored) = runs.get_opt(&self.name()).await? else { return Ok(Action::await_change()) };
-        if stored.uid() != self.run.uid() || !stored.finalizers().iter().any(|f| f == RESULTS_FINALIZER) {
-            return Ok(Action::await_change());
-        }
-        let kept: Vec<&String> = stored.finalizers().iter().filter(|f| *f != RESULTS_FINALIZER).collect();
-        let patch = json!({"metadata": {"resourceVersion": stored.resource_version(), "finalizers": kept}});
-        match runs.patch(&self.name(), &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => Ok(Action::await_change()),
-            Err(kube::Error::Api(e)) if e.code == 404 => Ok(Action::await_change()),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Action::requeue(Duration::from_millis(100))),
-            Err(e) => Err(e.into()),
-        }
+        self.drop_finalizer(RESULTS_FINALIZER).await
     }
 }

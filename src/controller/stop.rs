@@ -151,12 +151,18 @@ impl Reconciler<'_> {
         if !self.run.finalizers().iter().any(|f| f == LOCK_FINALIZER) {
             return Ok(Action::await_change());
         }
+        self.drop_finalizer(LOCK_FINALIZER).await
+    }
+
+    /// Removes `finalizer` from the stored run (this very run, by uid), conditional on the
+    /// resourceVersion read; a run gone or without it is left alone.
+    pub(super) async fn drop_finalizer(&self, finalizer: &str) -> Result<Action> {
         let runs: Api<NotebookRun> = self.api();
         let Some(stored) = runs.get_opt(&self.name()).await? else { return Ok(Action::await_change()) };
-        if !stored.finalizers().iter().any(|f| f == LOCK_FINALIZER) {
+        if stored.uid() != self.run.uid() || !stored.finalizers().iter().any(|f| f == finalizer) {
             return Ok(Action::await_change());
         }
-        let kept: Vec<&String> = stored.finalizers().iter().filter(|f| *f != LOCK_FINALIZER).collect();
+        let kept: Vec<&String> = stored.finalizers().iter().filter(|f| *f != finalizer).collect();
         let patch = json!({"metadata": {"resourceVersion": stored.resource_version(), "finalizers": kept}});
         match runs.patch(&self.name(), &PatchParams::default(), &Patch::Merge(&patch)).await {
             Ok(_) => Ok(Action::await_change()),

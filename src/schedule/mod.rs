@@ -69,8 +69,9 @@ pub async fn run(
     leadership: Leadership,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let schedules: Api<DeserializeGuard<NotebookSchedule>> = scoped(&client, namespace.as_deref());
-    let runs: Api<DeserializeGuard<NotebookRun>> = scoped(&client, namespace.as_deref());
+    let schedules: Api<DeserializeGuard<NotebookSchedule>> =
+        crate::controller::scoped(&client, namespace.as_deref());
+    let runs: Api<DeserializeGuard<NotebookRun>> = crate::controller::scoped(&client, namespace.as_deref());
     let recorder = Recorder::new(
         client.clone(),
         Reporter { controller: "notebook-operator".into(), instance: std::env::var("POD_NAME").ok() },
@@ -92,17 +93,6 @@ pub async fn run(
             }
         })
         .await;
-}
-
-fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    <K as Resource>::DynamicType: Default,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
