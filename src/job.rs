@@ -124,7 +124,10 @@ pub fn job_name(run: &NotebookRun) -> String {
     child_name(&run.name_any(), "")
 }
 
-fn child_name(run: &str, suffix: &str) -> String {
+/// `<owner>-<suffix>` (or `<owner>` alone), at most the 63 characters a label value allows: a
+/// longer owner name is cut and followed by a hash of the whole, so two long names that share a
+/// prefix still differ. Also names a schedule's runs.
+pub fn child_name(run: &str, suffix: &str) -> String {
     let sep = if suffix.is_empty() { "" } else { "-" };
     let full = format!("{run}{sep}{suffix}");
     if full.len() <= 63 {
@@ -137,6 +140,7 @@ fn child_name(run: &str, suffix: &str) -> String {
     format!("{stem}-{hash:08x}{sep}{suffix}")
 }
 
+/// FNV-1a, 32 bits: stable across builds and platforms (std's hasher is not promised to be).
 fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x01000193))
 }

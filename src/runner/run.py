@@ -1122,10 +1122,10 @@ class Run:
         """The warm kernel was started elsewhere: it moves into the run's folder, silently."""
         code = "__import__('os').chdir(%r)" % path
         msg_id = kc.execute(code, silent=True, store_history=False)
+        from queue import Empty
+
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
-            from queue import Empty
-
             try:
                 msg = await kc.shell_channel.get_msg(timeout=1.0)
             except Empty:

@@ -7,8 +7,6 @@ use jiff::tz::TimeZone;
 
 /// Missed ticks counted at most; more than this is "too many" (a Warning Event, one run only).
 pub const MAX_MISSED: usize = 100;
-/// Longest object name that is also a label value (runs are labelled with their own name).
-const MAX_NAME: usize = 63;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Invalid {
@@ -126,31 +124,12 @@ pub fn plan(cron: &Cron, last: Timestamp, now: Timestamp, deadline: Option<i64>)
 
 /// The run a tick creates: `<schedule>-<tick in unix seconds>`, the same in every controller.
 pub fn tick_run_name(schedule: &str, tick: Timestamp) -> String {
-    child_name(schedule, &tick.as_second().to_string())
+    crate::job::child_name(schedule, &tick.as_second().to_string())
 }
 
 /// A run started by hand (`POST /schedules/{name}/run`).
 pub fn manual_run_name(schedule: &str, now: Timestamp) -> String {
-    child_name(schedule, &format!("manual-{}", now.as_second()))
-}
-
-/// `<schedule>-<suffix>`, at most 63 characters: a longer schedule name is cut and followed by
-/// a hash of the whole, so two long names that share a prefix still differ.
-fn child_name(schedule: &str, suffix: &str) -> String {
-    let full = format!("{schedule}-{suffix}");
-    if full.len() <= MAX_NAME {
-        return full;
-    }
-    let hash = format!("{:08x}", fnv1a(schedule.as_bytes()));
-    let keep = MAX_NAME - suffix.len() - hash.len() - 2;
-    // Names are ASCII (DNS-1123); a cut must not end on a '-' or '.'.
-    let head = schedule[..keep.min(schedule.len())].trim_end_matches(['-', '.']);
-    format!("{head}-{hash}-{suffix}")
-}
-
-/// FNV-1a, 32 bits: stable across builds and platforms (std's hasher is not promised to be).
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+    crate::job::child_name(schedule, &format!("manual-{}", now.as_second()))
 }
 
 #[cfg(test)]
