@@ -10,8 +10,8 @@ everything and finishes the kernel handshake, then waits for one line on stdin:
 ``{"cwd": DIR, "argv": [the arguments above]}``. It then changes into DIR (and so does the
 kernel) and runs exactly as a cold runner given those arguments would; the notebook and the
 parameters are read only then. A kernel other than KERNEL is launched afresh. A warm runner that
-gets SIGTERM, EOF on stdin, or whose kernel dies before that line exits (code 0, or 5) and
-reports nothing.
+gets SIGTERM before it has read that line exits 143 (cancelled); one that gets EOF exits 0, and one
+whose kernel dies exits 5; none of them reports anything.
 
 Protocol (DESIGN.md section 6):
 
@@ -781,7 +781,9 @@ class Run:
 
     def on_signal(self, signum, frame):
         if self.spare:
-            self.exit_spare(0)
+            # Idle, or handed a run it has not read yet: either way a cancel (exit 143), never a
+            # clean exit that would read as the run's success.
+            self.exit_spare(EXIT_CODES["Cancelled"])
         if self.finishing:
             return
         if self.launching:
@@ -962,7 +964,7 @@ class Run:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
         if _EARLY_SIGNALS:
-            self.exit_spare(0)
+            self.exit_spare(EXIT_CODES["Cancelled"])
         try:
             self.kernel = Kernel(get_kernel_spec(argv[0]))
             self.kernel.launch()
