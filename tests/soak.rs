@@ -5,6 +5,9 @@
 //! DESIGN.md section 11 must hold: no two runs sharing a lock had a live container at the same
 //! time (what the node saw, over every run, deleted ones included), no Lease left, every run
 //! terminal with a reason, no Job or ConfigMap left of a run that is gone, no run stuck.
+//! The controller runs with a small `--history-limit`, so retention prunes during the churn, and
+//! its promises are checked too: only finished runs pruned, never more than the limit asks, and
+//! the limit holds once every run settled.
 //!
 //! `SOAK_SEED=<n>` replays a sequence (the seed is printed); the runs' timing still varies.
 
@@ -34,6 +37,11 @@ use support::{ControlPlane, from_json, ipynb, process, try_wait_for, wait_for};
 /// How many runs the test creates (the facade's `/start` calls add theirs).
 const RUNS: usize = 300;
 const LOCKS: [&str; 3] = ["soak-a", "soak-b", "soak-c"];
+/// The controller's `--history-limit`: small, so retention prunes runs on every lock during the
+/// soak (about a hundred runs each).
+const HISTORY_LIMIT: usize = 40;
+/// How long the checks wait for retention to bring every lock down to the limit.
+const PRUNE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The lock of the facade's runs.
 const FACADE_LOCK: &str = "soak-c";
 /// The whole test, control plane start included; past it the test fails with what it was doing.
@@ -146,6 +154,8 @@ struct Tally {
     kept: BTreeSet<String>,
     /// Every run and its lock: created by the test, admitted by the facade, or seen by the watch.
     locks: RunLocks,
+    /// The last state the watch saw of each run (of a pruned run: what it was when it went).
+    last_seen: BTreeMap<String, NotebookRun>,
     /// What the test did to which run, and when (since the kubelet's start, as the overlap
     /// report prints its intervals).
     actions: Vec<(Duration, String, String)>,
@@ -233,6 +243,56 @@ fn is_terminal(run: &NotebookRun) -> bool {
     run.phase().is_some_and(RunPhase::is_terminal)
 }
 
+/// The finished runs on `lock` among `all`.
+fn finished_on(all: &[NotebookRun], lock: &str) -> usize {
+    all.iter().filter(|r| r.spec.lock == lock && is_terminal(r)).count()
+}
+
+/// Runs the test kept (created, or admitted by the facade) that are gone though nobody deleted
+/// them: only retention may do that, and only as `--history-limit` allows. Each was finished,
+/// with a reason, when it went; and when retention pruned on a lock, the `HISTORY_LIMIT` newer
+/// finished runs it kept are still there, or were deleted by someone else. Returns how many.
+fn check_pruned(all: &[NotebookRun], t: &Tally, broken: &mut Vec<String>) -> usize {
+    let present: BTreeSet<String> = all.iter().map(|r| r.name_any()).collect();
+    let pruned: BTreeSet<&String> =
+        t.kept.iter().filter(|r| !present.contains(*r) && !t.deleted.contains(*r)).collect();
+    let unfinished: Vec<String> = pruned
+        .iter()
+        .filter(|r| {
+            t.last_seen
+                .get(**r)
+                .is_none_or(|run| !is_terminal(run) || run.status.as_ref().and_then(|s| s.reason).is_none())
+        })
+        .map(|r| t.last_seen.get(*r).map_or_else(|| format!("{r} (never seen by the watch)"), describe))
+        .collect();
+    if !unfinished.is_empty() {
+        broken.push(format!(
+            "runs gone though nobody deleted them, and not finished with a reason when they went:\n  {}",
+            unfinished.join("\n  ")
+        ));
+    }
+    for lock in LOCKS {
+        let on_lock = |r: &str| t.locks.get(r).is_some_and(|l| l == lock);
+        let pruned_here = pruned.iter().filter(|r| on_lock(r)).count();
+        // Gone for another reason: deleted by the test, or by the facade after its 400.
+        let deleted_here =
+            t.locks.keys().filter(|r| on_lock(r) && !present.contains(*r) && !pruned.contains(r)).count();
+        let kept_here = finished_on(all, lock);
+        if pruned_here > 0 && kept_here + deleted_here < HISTORY_LIMIT {
+            broken.push(format!(
+                "lock {lock}: {pruned_here} runs pruned, though only {kept_here} finished runs remain and \
+                 {deleted_here} were deleted otherwise (the limit keeps {HISTORY_LIMIT})"
+            ));
+        }
+    }
+    if pruned.is_empty() {
+        broken.push(format!(
+            "no run was pruned with --history-limit {HISTORY_LIMIT}, so the soak proved nothing of it"
+        ));
+    }
+    pruned.len()
+}
+
 /// Running or Queued, and not already being cancelled or deleted: what a step may cancel or delete.
 fn is_target(run: &NotebookRun) -> bool {
     matches!(run.phase(), Some(RunPhase::Running | RunPhase::Queued))
@@ -272,7 +332,7 @@ async fn soak(started: Instant, shared: Shared) {
     let cp = ControlPlane::shared();
     install_crd(cp);
     let ns = cp.namespace("soak").await;
-    let _op = Operator::start(cp, &ns);
+    let _op = Operator::start_with(cp, &ns, &["--history-limit", &HISTORY_LIMIT.to_string()]);
     let cm: ConfigMap =
         from_json(json!({"metadata": {"name": "nb"}, "data": {"notebook.ipynb": ipynb(&["x = 1"])}}));
     ns.api::<ConfigMap>().create(&PostParams::default(), &cm).await.expect("the facade's notebook");
@@ -371,24 +431,19 @@ async fn soak(started: Instant, shared: Shared) {
     .await;
     // Every broken invariant is reported, not only the first.
     let mut broken = Vec::new();
-    let all = match settled {
-        Some(all) => {
-            eprintln!(
-                "soak: every run settled {:.1}s after the last was created",
-                settling.elapsed().as_secs_f64()
-            );
-            all
-        }
-        None => {
-            let all = runs.list(&ListParams::default()).await.expect("list runs").items;
-            broken.push(format!(
-                "runs stuck {:.0}s after the last was created (not terminal, or deleted but still there):\n  {}",
-                settling.elapsed().as_secs_f64(),
-                unsettled(&all).join("\n  ")
-            ));
-            all
-        }
-    };
+    if settled.is_some() {
+        eprintln!(
+            "soak: every run settled {:.1}s after the last was created",
+            settling.elapsed().as_secs_f64()
+        );
+    } else {
+        let all = runs.list(&ListParams::default()).await.expect("list runs").items;
+        broken.push(format!(
+            "runs stuck {:.0}s after the last was created (not terminal, or deleted but still there):\n  {}",
+            settling.elapsed().as_secs_f64(),
+            unsettled(&all).join("\n  ")
+        ));
+    }
 
     tally(&shared).phase = "checking the invariants".into();
     let (facade_failures, locks) = {
@@ -398,14 +453,32 @@ async fn soak(started: Instant, shared: Shared) {
     if !facade_failures.is_empty() {
         broken.push(format!("the facade answered /start with neither 200 nor 400: {facade_failures:?}"));
     }
-    let present: BTreeSet<String> = all.iter().map(|r| r.name_any()).collect();
-    let vanished: Vec<String> = {
-        let t = tally(&shared);
-        t.kept.iter().filter(|r| !present.contains(*r) && !t.deleted.contains(*r)).cloned().collect()
+    // Retention: given a moment, every lock is down to the limit.
+    let over_limit = |all: &[NotebookRun]| -> Vec<String> {
+        LOCKS
+            .iter()
+            .map(|lock| (lock, finished_on(all, lock)))
+            .filter(|(_, n)| *n > HISTORY_LIMIT)
+            .map(|(lock, n)| format!("{lock}: {n} finished runs"))
+            .collect()
     };
-    if !vanished.is_empty() {
-        broken.push(format!("runs gone though nobody deleted them: {vanished:?}"));
-    }
+    let all = match try_wait_for(PRUNE_TIMEOUT, || async {
+        let all = runs.list(&ListParams::default()).await.ok()?.items;
+        over_limit(&all).is_empty().then_some(all)
+    })
+    .await
+    {
+        Some(all) => all,
+        None => {
+            let all = runs.list(&ListParams::default()).await.expect("list runs").items;
+            broken.push(format!(
+                "the history limit ({HISTORY_LIMIT}) not enforced {PRUNE_TIMEOUT:?} after every run settled: {:?}",
+                over_limit(&all)
+            ));
+            all
+        }
+    };
+    let pruned = check_pruned(&all, &tally(&shared), &mut broken);
     let no_reason: Vec<String> = all
         .iter()
         .filter(|r| is_terminal(r) && r.status.as_ref().and_then(|s| s.reason).is_none())
@@ -453,7 +526,7 @@ async fn soak(started: Instant, shared: Shared) {
         }
     }
 
-    report(&all, &shared, &checked, started);
+    report(&all, &shared, &checked, pruned, started);
     assert!(
         broken.is_empty(),
         "{} invariant(s) broken (seed {seed}):\n\n{}",
@@ -529,15 +602,18 @@ where
 /// facade creates (and deletes after a 400) count in the overlap check.
 fn watch_runs(runs: Api<NotebookRun>, shared: Shared) -> Store<NotebookRun> {
     let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(runs, watcher::Config::default()))
-        .default_backoff()
-        .applied_objects();
+    let stream = reflector::reflector(writer, watcher(runs, watcher::Config::default())).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
-            if let Ok(run) = event {
-                tally(&shared).locks.entry(run.name_any()).or_insert_with(|| run.spec.lock.clone());
-            }
+            let Ok(watcher::Event::Apply(run) | watcher::Event::InitApply(run) | watcher::Event::Delete(run)) =
+                event
+            else {
+                continue;
+            };
+            let mut t = tally(&shared);
+            t.locks.entry(run.name_any()).or_insert_with(|| run.spec.lock.clone());
+            t.last_seen.insert(run.name_any(), run);
         }
     });
     store
@@ -584,7 +660,7 @@ fn stuck_report(runs: &[Arc<NotebookRun>]) -> String {
         .join("\n")
 }
 
-fn report(all: &[NotebookRun], shared: &Shared, checked: &overlap::Checked, started: Instant) {
+fn report(all: &[NotebookRun], shared: &Shared, checked: &overlap::Checked, pruned: usize, started: Instant) {
     let t = tally(shared);
     let mut phases: BTreeMap<String, usize> = BTreeMap::new();
     for run in all {
@@ -595,7 +671,7 @@ fn report(all: &[NotebookRun], shared: &Shared, checked: &overlap::Checked, star
     let count = |phase: RunPhase| all.iter().filter(|r| r.phase() == Some(phase)).count();
     eprintln!(
         "soak: done in {:.1}s. {}\n  remaining runs {}: succeeded {}, failed {}, cancelled {}, rejected {}; \
-         deleted (gone) {}\n  by phase/reason: {phases:?}\n  {checked}",
+         deleted (gone) {}, pruned by the history limit {pruned}\n  by phase/reason: {phases:?}\n  {checked}",
         started.elapsed().as_secs_f64(),
         t.summary(),
         all.len(),
