@@ -14,6 +14,7 @@ use crate::crd::{Progress, Reason, RunError, RunPhase};
 
 pub mod kubernetes;
 pub mod local;
+mod lock_index;
 pub mod remote;
 
 /// A run as the API shows it, whichever backend holds it.

@@ -10,8 +10,9 @@ use crate::crd::NotebookRun;
 /// `kubectl apply`'s copy of the whole object, inline notebook included.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-/// Drops from a run what no reconcile reads from the cache.
-pub fn slim(run: &mut NotebookRun) {
+/// Drops from a run what no cache of runs reads (the controller's, the facade's): managed fields,
+/// `kubectl apply`'s copy and the inline notebook's text (its hash stays).
+pub fn strip(run: &mut NotebookRun) {
     run.metadata.managed_fields = None;
     if let Some(annotations) = run.metadata.annotations.as_mut() {
         annotations.remove(LAST_APPLIED);
@@ -19,6 +20,11 @@ pub fn slim(run: &mut NotebookRun) {
     if let Some(inline) = run.spec.notebook.inline.take() {
         run.spec.notebook.inline_sha256 = Some(crate::job::sha256_hex(inline.as_bytes()));
     }
+}
+
+/// Drops from a run what no reconcile reads from the cache.
+pub fn slim(run: &mut NotebookRun) {
+    strip(run);
     // A finished run is read for its lock, its end and what it still owns (Job, pod, outputs,
     // notifications to deliver), never again for what built its pod or told its story.
     if run.is_finished() {

@@ -6,7 +6,7 @@
 //! `record` (status writes and Events).
 
 mod admit;
-mod cache;
+pub(crate) mod cache;
 mod finish;
 mod logs;
 pub mod prune;
