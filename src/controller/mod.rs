@@ -8,6 +8,7 @@
 mod admit;
 pub(crate) mod cache;
 mod finish;
+mod history;
 mod logs;
 pub mod prune;
 mod record;
@@ -96,7 +97,10 @@ pub struct Context {
     pub config: ControllerConfig,
     pub metrics: Metrics,
     pub recorder: Recorder,
+    /// Runs that still need reconciles; settled ones are in `history`.
     pub runs: Store<DeserializeGuard<NotebookRun>>,
+    /// What retention reads of settled runs (history.rs).
+    history: Arc<history::History>,
     /// Whether this process may reconcile (elected, or the only controller).
     pub leadership: Leadership,
     /// Consecutive reconcile failures per run, for exponential backoff.
@@ -153,9 +157,15 @@ pub async fn run(
     // from a second waiter on the store (kube-runtime's store wakes one waiter only, the
     // Controller's own, so `/readyz` never turned 200).
     let (synced_tx, synced) = tokio::sync::watch::channel(false);
+    let pruner = prune::Pruner::default();
+    // Settled runs (finished, holding nothing) leave the cache for retention's compact index.
+    let history = Arc::new(history::History::new(pruner.clone()));
     let run_events = watcher(runs, watcher::Config::default().page_size(LIST_PAGE_SIZE))
         .default_backoff()
-        .modify(cache::slim_guard)
+        .modify(cache::slim_guard);
+    let run_events = history
+        .clone()
+        .route(run_events)
         .reflect(writer)
         .inspect(move |event| {
             if matches!(event, Ok(watcher::Event::InitDone)) && !readiness.is_ready() {
@@ -189,11 +199,12 @@ pub async fn run(
         metrics,
         recorder,
         runs: store,
+        history,
         leadership,
         failures: Default::default(),
         followers: Default::default(),
         no_pod_since: Default::default(),
-        pruner: prune::Pruner::default(),
+        pruner,
         runners: Default::default(),
         results_deletes: Default::default(),
     });

@@ -1,6 +1,7 @@
 //! Retention: each lock keeps its newest finished runs (`--history-limit`), older ones are
 //! deleted with background propagation, so their Job, pods and ConfigMaps go with them by
-//! garbage collection. The choice is a pure `select` over the cached runs (no list per pass);
+//! garbage collection. The choice is a pure `select` over the settled runs' index (history.rs;
+//! no list per pass);
 //! the loop around it runs when a run finishes and on a slow tick, at most once a second, and
 //! also recounts the running gauge there, so no reconcile scans the cache.
 
@@ -11,15 +12,13 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::future::Shared;
 use kube::api::{DeleteParams, Preconditions, PropagationPolicy};
-use kube::core::DeserializeGuard;
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, ResourceExt};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
+use super::history::{Entry, Key};
 use crate::crd::{NotebookRun, RunPhase};
-use crate::leader::Leadership;
-use crate::metrics::Metrics;
 
 /// Runs created by a NotebookSchedule carry this label; the schedule prunes them itself.
 pub const SCHEDULE_LABEL: &str = "notebooks.dev/schedule";
@@ -73,26 +72,31 @@ fn scheduled(run: &NotebookRun) -> bool {
 }
 
 /// The runs to delete so that each lock (namespace and `spec.lock`) keeps its `limit` newest
-/// prunable runs: newest by completion time, then creation time, then name.
-pub fn select<'a>(
-    runs: impl IntoIterator<Item = &'a NotebookRun>,
+/// prunable runs (the settled ones `History` keeps): newest by completion time, then creation
+/// time, then name.
+pub(super) fn select<'a>(
+    runs: impl IntoIterator<Item = (&'a Key, &'a Entry)>,
     limit: usize,
 ) -> Vec<ObjectRef<NotebookRun>> {
-    let mut by_lock: HashMap<(Option<String>, &str), Vec<&NotebookRun>> = HashMap::new();
-    for run in runs.into_iter().filter(|r| prunable(r)) {
-        by_lock.entry((run.namespace(), run.spec.lock.as_str())).or_default().push(run);
+    type Lock<'a> = (&'a Option<String>, &'a str);
+    let mut by_lock: HashMap<Lock<'a>, Vec<(&Key, &Entry)>> = HashMap::new();
+    for (key, entry) in runs {
+        by_lock.entry((&key.0, entry.lock.as_str())).or_default().push((key, entry));
     }
     let mut doomed = Vec::new();
     for mut finished in by_lock.into_values() {
         if finished.len() <= limit {
             continue;
         }
-        finished.sort_by_cached_key(|r| {
-            let done = r.status.as_ref().and_then(|s| s.completion_time.as_ref()).map(|t| t.0);
-            let created = r.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            std::cmp::Reverse((done, created, r.name_any()))
-        });
-        doomed.extend(finished[limit..].iter().map(|r| ObjectRef::from_obj(*r)));
+        finished.sort_by_key(|(key, e)| std::cmp::Reverse((e.done, e.created, key.1.as_str())));
+        doomed.extend(finished[limit..].iter().map(|((ns, name), e)| {
+            let mut run = ObjectRef::new(name);
+            if let Some(ns) = ns {
+                run = run.within(ns);
+            }
+            run.extra.uid = e.uid.clone();
+            run
+        }));
     }
     doomed
 }
@@ -131,7 +135,7 @@ pub(super) async fn run(
             () = ctx.pruner.0.notified() => {}
             _ = tick.tick() => {}
         }
-        pass(&ctx.client, &ctx.runs, ctx.config.history_limit, &ctx.metrics, &ctx.leadership).await;
+        pass(&ctx, ctx.config.history_limit).await;
         tokio::select! {
             () = shutdown.clone() => return,
             () = tokio::time::sleep(MIN_PASS_INTERVAL) => {}
@@ -139,22 +143,15 @@ pub(super) async fn run(
     }
 }
 
-async fn pass(
-    client: &Client,
-    store: &Store<DeserializeGuard<NotebookRun>>,
-    limit: HistoryLimit,
-    metrics: &Metrics,
-    leadership: &Leadership,
-) {
-    let state = store.state();
-    let runs = || state.iter().filter_map(|g| g.0.as_ref().ok());
-    metrics.set_running(i64::try_from(count_running(runs())).unwrap_or(i64::MAX));
+async fn pass(ctx: &super::Context, limit: HistoryLimit) {
+    let (client, metrics) = (&ctx.client, &ctx.metrics);
+    let running = count_running(ctx.runs.state().iter().filter_map(|g| g.0.as_ref().ok()));
+    metrics.set_running(i64::try_from(running).unwrap_or(i64::MAX));
     let HistoryLimit::Keep(limit) = limit else { return };
-    if !leadership.is_leading() {
+    if !ctx.leadership.is_leading() {
         return;
     }
-    let doomed = select(runs(), limit);
-    drop(state);
+    let doomed = ctx.history.read(|runs| select(runs, limit));
     for run in doomed {
         let ns = run.namespace.clone().unwrap_or_default();
         let api: Api<NotebookRun> = Api::namespaced(client.clone(), &ns);
@@ -204,6 +201,16 @@ mod tests {
         r
     }
 
+    /// What a pass picks among `runs`, once they went through the run cache's routing.
+    fn pick(runs: &[NotebookRun], limit: usize) -> Vec<ObjectRef<NotebookRun>> {
+        let history = super::super::history::History::default();
+        for run in runs {
+            history
+                .observe(kube::runtime::watcher::Event::Apply(kube::core::DeserializeGuard(Ok(run.clone()))));
+        }
+        history.read(|settled| select(settled, limit))
+    }
+
     fn names(refs: Vec<ObjectRef<NotebookRun>>) -> Vec<String> {
         let mut names: Vec<String> = refs.into_iter().map(|r| r.name).collect();
         names.sort();
@@ -220,23 +227,23 @@ mod tests {
             run("b1", "b", 1, Some(5)),
             run("a-running", "a", 0, None),
         ];
-        let doomed = select(&runs, 2);
+        let doomed = pick(&runs, 2);
         assert_eq!(names(doomed.clone()), ["a1", "a2"]);
         assert_eq!(doomed[0].extra.uid.as_deref().map(|u| u.starts_with("uid-a")), Some(true));
-        assert_eq!(names(select(&runs, 4)), Vec::<String>::new());
-        assert_eq!(names(select(&runs, 0)), ["a1", "a2", "a3", "a4", "b1"], "0 keeps none");
+        assert_eq!(names(pick(&runs, 4)), Vec::<String>::new());
+        assert_eq!(names(pick(&runs, 0)), ["a1", "a2", "a3", "a4", "b1"], "0 keeps none");
     }
 
     #[test]
     fn newest_is_by_finish_time_then_creation_then_name() {
         // Created late, finished early: the oldest by finish time goes first.
         let runs = [run("late", "l", 9, Some(10)), run("early", "l", 1, Some(50))];
-        assert_eq!(names(select(&runs, 1)), ["late"]);
+        assert_eq!(names(pick(&runs, 1)), ["late"]);
         // Same finish second: the older creation goes.
         let runs = [run("x", "l", 2, Some(10)), run("y", "l", 1, Some(10))];
-        assert_eq!(names(select(&runs, 1)), ["y"]);
+        assert_eq!(names(pick(&runs, 1)), ["y"]);
         let runs = [run("b", "l", 1, Some(10)), run("a", "l", 1, Some(10))];
-        assert_eq!(names(select(&runs, 1)), ["a"]);
+        assert_eq!(names(pick(&runs, 1)), ["a"]);
     }
 
     #[test]
@@ -244,7 +251,7 @@ mod tests {
         let mut other = run("other-ns", "a", 1, Some(1));
         other.metadata.namespace = Some("elsewhere".into());
         let runs = [other, run("mine", "a", 2, Some(2))];
-        assert_eq!(names(select(&runs, 1)), Vec::<String>::new());
+        assert_eq!(names(pick(&runs, 1)), Vec::<String>::new());
     }
 
     #[test]
@@ -267,7 +274,7 @@ mod tests {
         let mut no_status = run("new", "a", 1, None);
         no_status.status = None;
         let runs = [ttl, labelled, owned, deleting, queued, pending, no_status];
-        assert_eq!(names(select(&runs, 0)), Vec::<String>::new());
+        assert_eq!(names(pick(&runs, 0)), Vec::<String>::new());
         assert_eq!(count_running(&runs), 1);
     }
 
@@ -283,7 +290,7 @@ mod tests {
             })
             .collect();
         runs.push(run("newest", "a", 9, Some(9)));
-        assert_eq!(names(select(&runs, 1)), ["r0", "r1", "r2"]);
+        assert_eq!(names(pick(&runs, 1)), ["r0", "r1", "r2"]);
     }
 
     #[test]
