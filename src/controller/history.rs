@@ -5,9 +5,10 @@
 //! retention reads is kept of it, a few strings per run, so the controller's memory does not
 //! grow with history (DESIGN.md section 12, benchmark B7).
 //!
-//! A settled run that changes again comes back: deleting it (`deletionTimestamp`, our results
-//! finalizer still on it) or giving it a TTL makes it unsettled, so the event goes to the cache
-//! and wakes its reconcile as before.
+//! A settled run that changes again comes back: once it is being deleted (`deletionTimestamp`,
+//! with our results finalizer still on it) it is unsettled, so the event goes to the cache and
+//! wakes its reconcile as before. (A run's spec cannot change after creation, so a run with a
+//! TTL is never settled and one without never gets one.)
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -208,7 +209,8 @@ mod tests {
             entry.done.map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time);
         assert_eq!(routed(&history, Event::Apply(deleting)), Some(("apply", "r".into())));
         assert!(names(&history).is_empty());
-        // A TTL to wait out brings a settled run back too.
+        // Any change that unsettles a run brings it back (a TTL cannot be added to a stored run;
+        // the routing does not rely on that).
         assert_eq!(apply("t", "Failed", &[]), Some(("delete", "t".into())));
         let mut ttl = run("t", "Failed", &[]);
         ttl.0.as_mut().unwrap().spec.ttl_seconds_after_finished = Some(60);
