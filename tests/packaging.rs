@@ -468,6 +468,10 @@ async fn non_default_values_render_what_they_say() {
             "serviceMonitor.enabled=true",
             "controller.progressInterval=500ms",
             "controller.notifyRetryFor=1h",
+            "controller.notifyAttemptTimeout=30s",
+            "controller.runnerImagePullPolicy=Never",
+            "controller.defaultResources.limits.memory=2Gi",
+            "controller.defaultResources.requests.cpu=500m",
             "publicUrl=https://notebooks.example.com",
             "logFormat=text",
         ],
@@ -508,6 +512,12 @@ async fn non_default_values_render_what_they_say() {
     assert_eq!(arg_value(c, "--namespace"), None, "every namespace");
     assert_eq!(arg_value(c, "--progress-interval").as_deref(), Some("500ms"));
     assert_eq!(arg_value(c, "--notify-retry-for").as_deref(), Some("1h"));
+    assert_eq!(arg_value(c, "--notify-attempt-timeout").as_deref(), Some("30s"));
+    assert_eq!(arg_value(c, "--image-pull-policy").as_deref(), Some("Never"));
+    let resources: Value =
+        serde_json::from_str(&arg_value(c, "--default-resources").expect("--default-resources"))
+            .expect("--default-resources is JSON");
+    assert_eq!(resources, json!({"limits": {"memory": "2Gi"}, "requests": {"cpu": "500m"}}));
     assert_eq!(arg_value(c, "--public-url").as_deref(), Some("https://notebooks.example.com"));
     assert_eq!(c.image.as_deref(), Some("registry.example.com/notebook-operator:1.2.3"));
     assert_eq!(c.command.clone().unwrap(), ["/opt/nbo/notebook-operator", "controller"]);
@@ -574,6 +584,10 @@ fn schema_and_templates_refuse_bad_values() {
         (&["api.lock=Not_A_Name"], "/api/lock"),
         (&["controller.cancelGrace=soon"], "/controller/cancelGrace"),
         (&["controller.notifyRetryFor=forever"], "/controller/notifyRetryFor"),
+        (&["controller.notifyAttemptTimeout=a while"], "/controller/notifyAttemptTimeout"),
+        (&["controller.runnerImagePullPolicy=Sometimes"], "/controller/runnerImagePullPolicy"),
+        (&["controller.defaultResources.limits.memory=2"], "/controller/defaultResources/limits/memory"),
+        (&["controller.defaultResources.storage=1Gi"], "/controller/defaultResources"),
         (&["publicUrl=notebooks.example.com"], "/publicUrl"),
         (&["controller.resources.limits.memory=lots"], "/controller/resources/limits/memory"),
         (&["controller.replicas=0"], "/controller/replicas"),
