@@ -332,3 +332,43 @@ async fn a_cancelled_run_keeps_its_partial_notebook_report_and_log() {
     let logs = get(&facade, "/runs/cancelled/logs").await.text().await.unwrap();
     assert!(logs.contains("done before the cancel") && logs.contains("waiting"), "{logs}");
 }
+
+/// `notebook-operator all` (the controller and the facade in one process) with the s3 store:
+/// one set of flags configures both halves, the runner uploads to the bucket and the facade
+/// serves what it wrote.
+#[tokio::test]
+async fn all_in_one_process_keeps_and_serves_results_in_s3() {
+    let s3 = S3Server::start().await;
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.namespace("results-all").await;
+    let flags = s3.flags();
+    let mut args =
+        vec!["--default-image", "quay.io/jupyter/minimal-notebook:test", "--progress-interval", "300ms"];
+    args.extend(flags.iter().map(String::as_str));
+    let all = Facade::start_command(cp, &ns, "all", "notebook-run", "20s", &args, &s3.env()).await;
+    let runs: Api<NotebookRun> = ns.api();
+    runs.create(&Default::default(), &run_of("in-one", &["print('kept in the bucket')"], json!({})))
+        .await
+        .expect("create the run");
+    let run = wait_for(RUN_TIMEOUT, "in-one finished", || async {
+        runs.get("in-one").await.ok().filter(|r| r.phase().is_some_and(RunPhase::is_terminal))
+    })
+    .await;
+    assert_eq!(run.phase(), Some(RunPhase::Succeeded), "{:?}", run.status);
+    let out = output(&run);
+    assert_eq!(out.store.as_deref(), Some("s3"), "{out:?}");
+    let key = format!("runs/{ns}/in-one/notebook.ipynb");
+    assert_eq!(out.notebook.as_deref(), Some(key.as_str()));
+    let stored = std::fs::read(s3.object_file(&key)).expect("the notebook in the bucket");
+
+    let resp = get(&all, "/runs/in-one/notebook").await;
+    assert_eq!(resp.status(), 200);
+    let served = resp.bytes().await.expect("the notebook");
+    assert!(served == stored, "/runs/in-one/notebook differs from the stored object");
+    let nb: Value = serde_json::from_slice(&served).expect("ipynb JSON");
+    assert!(nb["cells"][0]["outputs"].to_string().contains("kept in the bucket"), "{nb}");
+    let resp = get(&all, "/runs/in-one/report").await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().contains("kept in the bucket"));
+}

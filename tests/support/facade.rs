@@ -25,12 +25,27 @@ impl Facade {
         admit_timeout: &str,
         env: &[(&str, &str)],
     ) -> Facade {
-        let log = std::env::temp_dir().join(format!("notebook-operator-api-{ns}-{lock}.log"));
+        Self::start_command(cp, ns, "api", lock, admit_timeout, &[], env).await
+    }
+
+    /// Like [`Facade::start`], as `command` (`api`, or `all`: the controller in the same
+    /// process) with extra `args`.
+    pub async fn start_command(
+        cp: &ControlPlane,
+        ns: &str,
+        command: &str,
+        lock: &str,
+        admit_timeout: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Facade {
+        let log = std::env::temp_dir().join(format!("notebook-operator-{command}-{ns}-{lock}.log"));
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("facade log");
         let mut cmd = Command::new(binary());
-        cmd.args(["api", "--listen", "127.0.0.1:0", "--namespace", ns, "--notebook-configmap", "nb"])
+        cmd.args([command, "--listen", "127.0.0.1:0", "--namespace", ns, "--notebook-configmap", "nb"])
             .args(["--lock", lock, "--image", "quay.io/jupyter/minimal-notebook:test"])
             .args(["--admit-timeout", admit_timeout])
+            .args(args)
             .env("KUBECONFIG", cp.kubeconfig())
             .envs(env.iter().copied())
             .stdin(Stdio::null())
