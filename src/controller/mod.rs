@@ -409,8 +409,9 @@ fn left_by_namesake(meta: &ObjectMeta, run: &NotebookRun) -> bool {
         .any(|o| o.kind == "NotebookRun" && o.name == run.name_any() && Some(&o.uid) != run.uid().as_ref())
 }
 
-/// API answers that retrying the same request cannot change.
-fn is_permanent(code: u16) -> bool {
+/// API answers that retrying the same request cannot change: the controller, the schedules and
+/// the notifications give up on these (400, 403, 413 too large, 422 invalid).
+pub(crate) fn is_permanent(code: u16) -> bool {
     matches!(code, 400 | 403 | 413 | 422)
 }
 

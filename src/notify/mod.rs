@@ -440,7 +440,7 @@ impl Delivery<'_> {
                 Ok(_) => return true,
                 Err(kube::Error::Api(ae)) if ae.code == 404 => return false,
                 // Refused for good (RBAC, an outdated CRD): retrying the same write cannot help.
-                Err(kube::Error::Api(ae)) if matches!(ae.code, 400 | 403 | 422) => {
+                Err(kube::Error::Api(ae)) if crate::controller::is_permanent(ae.code) => {
                     warn!(code = ae.code, error = %ae.message, "the notification's status was refused");
                     return false;
                 }

@@ -314,7 +314,7 @@ impl Reconciler<'_> {
                 debug!(run = %name, "tick already done");
                 Ok(None)
             }
-            Err(kube::Error::Api(ae)) if matches!(ae.code, 400 | 403 | 422) => {
+            Err(kube::Error::Api(ae)) if crate::controller::is_permanent(ae.code) => {
                 let note = format!("could not create run {name} for the tick of {tick}: {}", ae.message);
                 warn!(run = %name, error = %ae.message, "tick skipped: run refused");
                 self.event(EventType::Warning, "FailedCreate", note).await;
